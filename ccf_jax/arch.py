@@ -1,0 +1,95 @@
+"""Architectures as data: each `model.arch` names a module, its trainable subset, loss and FLOPs.
+
+The trainer never branches on the architecture: it asks the `Arch` for parameters, the loss sums
+and the analytic FLOPs. The CCF issue registers 'ccf', 'segment_local' and 'full_attention' here
+(see `ccf_jax/ccf/`), so the loop, checkpoints and sharding are shared by every model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ccf_jax import flops, model as model_lib
+from ccf_jax.config_lib import window_len
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  name: str
+  module_cls: Any
+  # loss(cfg, params, batch, rng) -> (loss_sum, weight_sum, aux: dict of sums). `params` is the
+  # full pure-dict of parameters (trainable merged with frozen).
+  loss: Callable
+  # train_flops(cfg, local_batch) -> analytic FLOPs of one optimizer step on that batch size.
+  train_flops: Callable
+  # is_trainable(path_tuple_of_str) -> bool; the rest lives in TrainState.frozen.
+  is_trainable: Callable = lambda cfg, path: True
+
+
+def token_ce_sums(logits, tokens, loss_mask):
+  """Next-token cross-entropy sums: logits[:, :-1] predict tokens[:, 1:], weighted by loss_mask."""
+  w = loss_mask[..., 1:].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[..., :-1, :], tokens[..., 1:])
+  correct = (jnp.argmax(logits[..., :-1, :], -1) == tokens[..., 1:]).astype(jnp.float32)
+  return (ce * w).sum(), w.sum(), (correct * w).sum()
+
+
+def decoder_loss(cfg, params, batch, rng):
+  del rng
+  module = model_lib.bind(cfg.model, params, model_lib.Decoder)
+  logits = module(batch['tokens'])
+  loss_sum, n, correct = token_ce_sums(logits, batch['tokens'], batch['loss_mask'])
+  return loss_sum, n, {'correct': correct}
+
+
+def decoder_train_flops(cfg, batch_size: int) -> float:
+  return flops.decoder_train_flops(cfg, batch_size, window_len(cfg))
+
+
+_REGISTRY: dict[str, Arch] = {
+    'decoder': Arch('decoder', model_lib.Decoder, decoder_loss, decoder_train_flops),
+}
+_PLUGINS = {'ccf': 'ccf_jax.ccf.arch', 'segment_local': 'ccf_jax.ccf.arch',
+            'full_attention': 'ccf_jax.ccf.arch'}
+
+
+def register(arch: Arch):
+  _REGISTRY[arch.name] = arch
+
+
+def get_arch(cfg) -> Arch:
+  name = cfg.model.arch
+  if name not in _REGISTRY and name in _PLUGINS:
+    importlib.import_module(_PLUGINS[name])
+  if name not in _REGISTRY:
+    raise ValueError(f'model.arch={name!r} is not available; known: {sorted(_REGISTRY)}')
+  return _REGISTRY[name]
+
+
+def split_params(cfg, arch: Arch, params: dict):
+  """(trainable, frozen): two nested dicts holding disjoint leaves (empty branches pruned)."""
+  def walk(tree, prefix, want):
+    out = {}
+    for k, v in tree.items():
+      if isinstance(v, dict):
+        sub = walk(v, prefix + (k,), want)
+        if sub:
+          out[k] = sub
+      elif arch.is_trainable(cfg, prefix + (k,)) == want:
+        out[k] = v
+    return out
+  return walk(params, (), True), walk(params, (), False)
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+  """Inverse of split_params (a deep dict union)."""
+  out = dict(frozen)
+  for k, v in trainable.items():
+    out[k] = merge_params(v, frozen.get(k, {})) if isinstance(v, dict) else v
+  return out

@@ -1,0 +1,38 @@
+"""Entry point: `python -m ccf_jax.train --config=experiments/X.py --workdir=DIR [--config.a.b=V]`.
+
+Thin by design: flags -> `trainer.train_and_evaluate`. Multi-host launchers pass
+`--config.mesh.distributed=True`, which calls `jax.distributed.initialize()` (coordinator address,
+process count and id from the environment: SLURM, TPU metadata, or JAX_COORDINATOR_ADDRESS etc.).
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  import jax
+  config = _CONFIG.value
+  if config.mesh.distributed:
+    jax.distributed.initialize()
+  from ccf_jax import trainer
+  logging.info('process %d/%d, %d local / %d global devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  summary = trainer.train_and_evaluate(config, _WORKDIR.value)
+  if jax.process_index() == 0:
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    with open(os.path.join(_WORKDIR.value, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2, default=str)
+    print('summary:', json.dumps(summary, default=str), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections). `base.py` is the full schema; variants override fields."""

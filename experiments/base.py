@@ -1,0 +1,117 @@
+"""The full config schema of ccf_jax, with one comment per field.
+
+Every experiment imports `get_config()` from here and overrides a few fields, so an unknown field
+in a variant or on the command line (`--config.a.b=V`) is an error rather than a silent no-op.
+Validation and derived fields live in `ccf_jax/config_lib.py`, not here.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'base'  # Human-readable experiment name (logged, exported).
+
+  # ---------------------------------------------------------------- model
+  m = c.model = ml_collections.ConfigDict()
+  m.arch = 'decoder'  # 'decoder' (plain LM) | 'ccf' | 'segment_local' | 'full_attention'.
+  m.vocab_size = 2048  # Must equal the tokenizer's vocabulary size (checked at startup).
+  m.d_model = 128  # Residual width d.
+  m.num_layers = 4  # Transformer blocks (stacked and scanned).
+  m.num_heads = 4  # Query heads.
+  m.num_kv_heads = 2  # Key/value heads (grouped-query attention); divides num_heads.
+  m.head_dim = 32  # Per-head width; usually d_model // num_heads.
+  m.mlp_dim = 512  # SwiGLU hidden width.
+  m.rope_theta = 10000.0  # Rotary base.
+  m.rope_scaling = ml_collections.ConfigDict()  # Llama-3 style rope scaling; empty = none.
+  m.max_position = 4096  # Largest rotary position the model is built/trained for.
+  m.norm_eps = 1e-5  # RMSNorm epsilon.
+  m.tie_embeddings = False  # Share the input embedding with the LM head.
+  m.init_std = 0.02  # Std of the normal initialiser for weights.
+  m.param_dtype = 'float32'  # Storage dtype of trainable parameters: float32 | bfloat16.
+  m.dtype = 'float32'  # Compute dtype of activations: float32 | bfloat16.
+  m.remat_policy = 'none'  # Per-layer rematerialisation: none | full | dots | dots_no_batch.
+  m.scan_layers = True  # Scan over stacked layers (flat compile time); False unrolls (FLOP checks).
+
+  # ---------------------------------------------------------------- data
+  d = c.data = ml_collections.ConfigDict()
+  d.corpus = 'shakespeare'  # Built-in corpus name, or a path (dir of .txt, .jsonl, .array_record).
+  d.mixture = ''  # Optional weighted mixture 'path_or_name:weight,...'; overrides corpus if set.
+  d.text_field = 'text'  # JSONL field holding the document text.
+  d.replace_invalid_utf8 = False  # Replace bad bytes instead of failing on non-UTF-8 input.
+  d.tokenizer = ''  # Path to a sentencepiece .model; '' trains one on the corpus (cached).
+  d.tokenizer_type = 'bpe'  # When training a tokenizer: bpe | unigram.
+  d.mode = 'packed'  # 'packed': short packed sequences (plain decoder); 'windows': whole-document windows (CCF).
+  d.seq_len = 256  # Tokens per example (packed mode); windows use num_segments * segment_len.
+  d.stride = 0  # Window stride in tokens (windows mode); 0 = non-overlapping.
+  d.cross_documents = False  # Allow windows to cross document boundaries.
+  d.batch_size = 8  # Global batch size (examples per optimizer step, across all processes).
+  d.shuffle_seed = 0  # Seed of the data order (independent of the model seed).
+  d.num_workers = 0  # grain worker processes (0 = in-process).
+  d.prefetch = 2  # Batches prefetched ahead of the train step.
+
+  # ---------------------------------------------------------------- ccf (used when model.arch != 'decoder')
+  x = c.ccf = ml_collections.ConfigDict()
+  x.segment_len = 128  # l: tokens per segment.
+  x.num_segments = 8  # T: segments per training window.
+  x.num_memory = 16  # c: memory tokens per segment (ratio r = l / c).
+
+  # ---------------------------------------------------------------- optimisation / loop
+  t = c.train = ml_collections.ConfigDict()
+  t.seed = 0  # Model init and dropout seed.
+  t.steps = 1000  # Total optimizer steps (the schedule's horizon).
+  t.time_budget_s = 0.0  # Stop training after this many seconds (0 = no limit); a checkpoint is saved.
+  t.lr = 3e-3  # Peak learning rate.
+  t.warmup_steps = 50  # Linear warmup steps.
+  t.decay = 'cosine'  # Decay after warmup: cosine | linear | constant.
+  t.end_lr_frac = 0.1  # Final lr as a fraction of the peak.
+  t.b1 = 0.9  # AdamW beta1.
+  t.b2 = 0.95  # AdamW beta2.
+  t.eps = 1e-8  # AdamW epsilon.
+  t.weight_decay = 0.1  # Decoupled weight decay (norms, biases and scalars are excluded).
+  t.clip_norm = 1.0  # Global-norm gradient clipping (0 = off).
+  t.grad_accum = 1  # Micro-batches per step; the loss is normalised by the total token count.
+  t.nonfinite = 'skip'  # On a non-finite loss/grad: 'skip' the update (counted) or 'stop' with an error.
+  t.log_every = 10  # Metrics cadence in steps.
+  t.eval_every = 0  # Evaluation cadence in steps (0 = only at the end).
+  t.eval_batches = 4  # Batches per evaluation.
+  t.profile_start = -1  # First step of a jax.profiler trace (-1 = off).
+  t.profile_steps = 3  # Steps traced.
+
+  # ---------------------------------------------------------------- checkpoints
+  k = c.checkpoint = ml_collections.ConfigDict()
+  k.every = 200  # Save every N steps (and at the end, on SIGTERM and at the time budget).
+  k.keep_last = 3  # Keep the N most recent checkpoints.
+  k.keep_every = 0  # Also keep every K-th step forever (0 = off).
+  k.async_save = True  # Write checkpoints in the background.
+
+  # ---------------------------------------------------------------- initialisation
+  # Priority: resume from workdir > init.from_checkpoint > init.params_only > init.from_hf > fresh.
+  i = c.init = ml_collections.ConfigDict()
+  i.from_checkpoint = ''  # A checkpoint step directory or workdir: full state (params, optimizer, data).
+  i.params_only = ''  # An export directory: parameters only; optimizer and step start fresh.
+  i.from_hf = ''  # A Hugging Face Llama-family directory (config.json + safetensors).
+
+  # ---------------------------------------------------------------- mesh / sharding
+  s = c.mesh = ml_collections.ConfigDict()
+  s.data = -1  # Data-parallel axis size (-1 = whatever is left of num_devices).
+  s.fsdp = 1  # Fully-sharded data-parallel axis size (params sharded on 'embed').
+  s.tensor = 1  # Tensor-parallel axis size (heads, mlp, vocab).
+  s.num_devices = 0  # Devices to use (0 = all).
+  s.distributed = False  # Call jax.distributed.initialize() (multi-host launchers set this).
+  # Logical axis -> mesh axes. One table for params and activations; a mesh axis is used at most once
+  # per array (the first logical axis claiming it wins).
+  s.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('segment', ('fsdp',)),
+      ('length', None),
+      ('memory', None),
+      ('embed', ('fsdp',)),
+      ('heads', ('tensor',)),
+      ('kv_heads', ('tensor',)),
+      ('head_dim', None),
+      ('mlp', ('tensor',)),
+      ('vocab', ('tensor',)),
+      ('layers', None),
+  )
+  return c

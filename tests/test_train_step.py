@@ -1,0 +1,148 @@
+"""The sharded train step: identical results on every mesh, accumulation, non-finite handling."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ccf_jax import config_lib, optim, sharding, train_step as ts
+from experiments import tiny
+
+
+def small_config(**mesh):
+  c = tiny.get_config()
+  c.model.vocab_size = 64
+  c.model.d_model = 32
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 8
+  c.model.mlp_dim = 64
+  c.data.seq_len = 16
+  c.data.batch_size = 8
+  for k, v in mesh.items():
+    c.mesh[k] = v
+  return c
+
+
+def make_batch(c, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, c.model.vocab_size, (c.data.batch_size, c.data.seq_len)).astype(np.int32)
+  mask = np.ones_like(tokens, np.float32)
+  mask[0, 5:] = 0.0  # Some padding so token-count normalisation matters.
+  return {'tokens': tokens, 'loss_mask': mask}
+
+
+def run_steps(c, batches):
+  mesh = sharding.make_mesh(c.mesh)
+  with sharding.use_mesh(mesh, c.mesh.rules):
+    tx = optim.make_optimizer(c.train)
+    abstract, state_sh = ts.abstract_state_and_shardings(c, tx, mesh)
+    state = jax.jit(ts.init_state_fn(c, tx), out_shardings=state_sh)()
+    batch_sh = ts.batch_shardings(c, mesh, batches[0])
+    step = ts.jit_train_step(c, tx, mesh, state_sh, batch_sh)
+    losses, gnorms = [], []
+    for b in batches:
+      state, m = step(state, {k: jax.device_put(v, batch_sh[k]) for k, v in b.items()})
+      losses.append(float(m['loss']))
+      gnorms.append(float(m['grad_norm']))
+    return losses, gnorms, jax.device_get(state.params), state
+
+
+@functools.lru_cache(maxsize=1)
+def single_device_reference():
+  batches = [make_batch(small_config(), s) for s in range(3)]
+  return batches, run_steps(small_config(data=1, fsdp=1, tensor=1, num_devices=1), batches)[:3]
+
+
+@pytest.mark.parametrize('shape', [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_same_results_on_every_mesh(shape):
+  batches, ref = single_device_reference()
+  d, f, t = shape
+  got = run_steps(small_config(data=d, fsdp=f, tensor=t), batches)
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], ref[1], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(got[2]), jax.tree.leaves(ref[2])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_params_are_actually_sharded():
+  c = small_config(data=2, fsdp=2, tensor=2)
+  _, _, _, state = run_steps(c, [make_batch(c)])
+  wq = state.params['layers']['attn']['wq']
+  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor', None)
+  mu = state.opt_state[1][0].mu['layers']['attn']['wq']
+  assert mu.sharding.spec == wq.sharding.spec
+
+
+def test_grad_accumulation_equals_one_big_batch():
+  batches = [make_batch(small_config(), s) for s in range(2)]
+  one = run_steps(small_config(data=1, num_devices=1), batches)
+  c = small_config(data=1, num_devices=1)
+  c.train.grad_accum = 4
+  four = run_steps(c, batches)
+  np.testing.assert_allclose(four[0], one[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(four[2]), jax.tree.leaves(one[2])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_nan_in_batch_is_caught_and_skipped():
+  c = small_config(data=1, num_devices=1)
+  c.model.dtype = 'float32'
+  good = make_batch(c, 0)
+  bad = dict(good)
+  bad['loss_mask'] = good['loss_mask'].copy()
+  bad['loss_mask'][1, 3] = np.nan  # A NaN in the batch poisons the loss.
+  mesh = sharding.make_mesh(c.mesh)
+  with sharding.use_mesh(mesh, c.mesh.rules):
+    tx = optim.make_optimizer(c.train)
+    _, state_sh = ts.abstract_state_and_shardings(c, tx, mesh)
+    state = jax.jit(ts.init_state_fn(c, tx), out_shardings=state_sh)()
+    before = jax.device_get(state.params)
+    step = ts.jit_train_step(c, tx, mesh, state_sh, ts.batch_shardings(c, mesh, good))
+    state, m = step(state, bad)
+    assert float(m['finite']) == 0.0 and int(state.nonfinite_count) == 1
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)):
+      np.testing.assert_array_equal(a, b)
+    state, m = step(state, good)
+    assert float(m['finite']) == 1.0 and int(state.nonfinite_count) == 1
+
+
+def test_weight_decay_mask_skips_norms():
+  c = small_config()
+  from ccf_jax import model as model_lib
+  mask = optim.decay_mask(model_lib.abstract_params(c.model))
+  assert mask['layers']['attn']['wq'] is True
+  assert mask['layers']['attn_norm']['scale'] is False
+  assert mask['final_norm']['scale'] is False
+
+
+@pytest.mark.parametrize('field,value,needle', [
+    ('mesh.data', 3, 'mesh'),
+    ('model.num_kv_heads', 3, 'num_kv_heads'),
+    ('ccf.num_memory', 7, 'not divisible by ccf.num_memory'),
+    ('data.batch_size', 6, 'not divisible by the 8 devices'),
+])
+def test_clear_config_errors(field, value, needle):
+  c = small_config(data=-1)
+  sect, key = field.split('.')
+  c[sect][key] = value
+  if field == 'model.num_kv_heads':
+    c.mesh.tensor, c.mesh.data = 2, -1
+  with pytest.raises(config_lib.ConfigError, match=needle):
+    config_lib.validate(c, 8)
+
+
+def test_tensor_axis_must_divide_heads():
+  c = small_config(data=-1, tensor=8)
+  with pytest.raises(config_lib.ConfigError, match='not divisible by mesh.tensor=8'):
+    config_lib.validate(c, 8)
+
+
+def test_unknown_field_is_an_error():
+  c = small_config()
+  c.model.dmodel = 3
+  with pytest.raises(config_lib.ConfigError, match="unknown config field 'model.dmodel'"):
+    config_lib.validate(c)
