@@ -1,0 +1,110 @@
+"""`python -m ccf_jax.bench SUBCOMMAND --config=experiments/X.py [--config.a.b=V]`: benchmarks that
+print JSON (one object per line). Numbers quoted in issues and notes come from here, never from
+timings asserted in unit tests.
+
+Subcommands:
+  train   tokens/s, step time, model GFLOP/s and memory (XLA memory analysis + peak RSS) of the
+          jitted train step of an experiment, on synthetic tokens of the configured shape.
+  data    the input pipeline's tokens/s next to the train step's (the pipeline must not bottleneck).
+Others (memory, signal, decode, efficiency) are registered by their modules as they land.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/tiny.py', 'Experiment config.',
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after one compile/warm-up step).')
+
+# name -> 'module:function'; each function takes (config) and returns a dict (or list of dicts).
+SUBCOMMANDS = {
+    'train': 'bench_train',  # Defined below.
+    'data': 'bench_data_vs_train',
+    'memory': 'ccf_jax.ccf.bench_memory:bench_memory',
+    'signal': 'ccf_jax.ccf.bench_signal:bench_signal',
+    'decode': 'ccf_jax.generate_bench:bench_decode',
+    'efficiency': 'ccf_jax.eval_efficiency:bench_efficiency',
+}
+
+
+def compiled_memory(compiled) -> dict:
+  """XLA's memory analysis of a compiled executable, in bytes."""
+  ma = compiled.memory_analysis()
+  if ma is None:
+    return {}
+  return {'temp_bytes': int(ma.temp_size_in_bytes), 'argument_bytes': int(ma.argument_size_in_bytes),
+          'output_bytes': int(ma.output_size_in_bytes), 'alias_bytes': int(ma.alias_size_in_bytes)}
+
+
+def bench_train(config, steps: int | None = None) -> dict:
+  """Times the real jitted train step on synthetic tokens shaped like the config's batches."""
+  import jax
+  import numpy as np
+
+  from ccf_jax import arch as arch_lib, config_lib, optim, sharding, train_step as ts, trainer
+  steps = steps or _STEPS.value
+  config_lib.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  arch = arch_lib.get_arch(config)
+  length = config_lib.window_len(config)
+  rng = np.random.default_rng(0)
+  batch = {'tokens': rng.integers(0, config.model.vocab_size, (config.data.batch_size, length)).astype(np.int32),
+           'loss_mask': np.ones((config.data.batch_size, length), np.float32),
+           'num_valid_segments': np.full((config.data.batch_size,), config.ccf.num_segments, np.int32)}
+  with sharding.use_mesh(mesh, config.mesh.rules):
+    tx = optim.make_optimizer(config.train)
+    _, state_sh = ts.abstract_state_and_shardings(config, tx, mesh)
+    state = jax.jit(ts.init_state_fn(config, tx), out_shardings=state_sh)()
+    batch_sh = ts.batch_shardings(config, mesh, batch)
+    step = ts.jit_train_step(config, tx, mesh, state_sh, batch_sh)
+    dev_batch = trainer.to_device(batch, batch_sh)
+    t = time.time()
+    compiled = step.lower(state, dev_batch).compile()
+    compile_s = time.time() - t
+    state, m = compiled(state, dev_batch)
+    jax.block_until_ready(m)
+    t = time.time()
+    for _ in range(steps):
+      state, m = compiled(state, dev_batch)
+    jax.block_until_ready(m)
+    dt = (time.time() - t) / steps
+  flops = arch.train_flops(config, config.data.batch_size)
+  tokens = config.data.batch_size * length
+  return {'bench': 'train', 'config': config.name, 'arch': config.model.arch,
+          'params': sum(int(x.size) for x in jax.tree.leaves(state.params)),
+          'devices': jax.device_count(), 'batch': config.data.batch_size, 'length': length,
+          'step_s': round(dt, 5), 'tokens_per_s': round(tokens / dt, 1),
+          'model_gflops_per_s': round(flops / dt / 1e9, 2), 'compile_s': round(compile_s, 2),
+          **compiled_memory(compiled), 'peak_rss_gb': round(trainer.peak_rss_gb(), 3)}
+
+
+def bench_data_vs_train(config) -> list:
+  from ccf_jax.bench_data import bench_data
+  return [bench_data(config), bench_train(config)]
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
+    raise app.UsageError(f'usage: python -m ccf_jax.bench {{{",".join(SUBCOMMANDS)}}} --config=...')
+  target = SUBCOMMANDS[argv[1]]
+  if ':' not in target:
+    func = globals()[target]
+  else:
+    mod, fn = target.split(':')
+    try:
+      func = getattr(importlib.import_module(mod), fn)
+    except ModuleNotFoundError as e:
+      raise app.UsageError(f'bench {argv[1]} is not available yet ({e})') from None
+  out = func(_CONFIG.value)
+  for rec in out if isinstance(out, list) else [out]:
+    print(json.dumps(rec), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
