@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import logging as py_logging
 import platform
@@ -54,6 +55,7 @@ STATE, DATA, CONFIG, METADATA = 'state', 'data', 'config', 'metadata'
 CHECKPOINTS_SUBDIR = 'checkpoints'
 CORRUPT_SUFFIX = '.corrupt'
 FORMAT_VERSION = 1
+_BARRIERS = itertools.count()  # Barrier names must match across processes and never repeat.
 
 
 class CheckpointError(RuntimeError):
@@ -74,14 +76,15 @@ class RestoreInfo:
   status: str  # 'restored' or 'initialized'.
   step: int
   path: Optional[str] = None  # The step directory restored from.
-  skipped: list = dataclasses.field(default_factory=list)  # [{step, path, moved_to, error}] bad ones.
+  skipped: list = dataclasses.field(default_factory=list)  # [{step, path, moved_to, error}]
   metadata: dict = dataclasses.field(default_factory=dict)  # The checkpoint's metadata item.
   config: dict = dataclasses.field(default_factory=dict)  # The checkpoint's config item.
 
   def __str__(self):
     s = f'{self.status} at step {self.step}' + (f' from {self.path}' if self.path else '')
     if self.skipped:
-      s += '; skipped corrupt: ' + ', '.join(f"{d['path']} ({d['error'][:120]})" for d in self.skipped)
+      s += '; skipped corrupt: ' + ', '.join(f"{d['path']} ({d['error'][:120]})"
+                                             for d in self.skipped)
     return s
 
 
@@ -100,7 +103,7 @@ def _keystr(path) -> str:
 
 
 def _leaf_fingerprint(x):
-  """sum(bits[i] * odd_weight(i)) mod 2^32: exact under any sharding; catches any single bit flip."""
+  """sum(bits[i] * odd_weight(i)) mod 2^32: exact under any sharding; catches any 1-bit flip."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
   if x.dtype == jnp.bool_:
@@ -128,20 +131,26 @@ def _fingerprintable(x) -> bool:
     return False
   if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
     return True
-  return dtype == np.bool_ or (np.dtype(dtype).kind in 'iuf' and np.dtype(dtype).itemsize in (1, 2, 4, 8))
+  return (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer)
+          or jnp.issubdtype(dtype, jnp.floating)) and np.dtype(dtype).itemsize in (1, 2, 4, 8)
 
 
 def fingerprint(tree) -> dict:
   """{'params.blk.w': uint32 checksum} for every numeric array leaf of `tree` (arrays or numpy)."""
   flat = [(_keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
   flat = [(k, x) for k, x in flat if _fingerprintable(x)]
-  if not flat:
-    return {}
-  sums = _fingerprint_leaves([x for _, x in flat])
-  return {k: int(np.asarray(s.addressable_data(0))) for (k, _), s in zip(flat, sums)}
+  groups = {}  # One jit call per device set (a jit cannot mix arrays committed to different ones).
+  for k, x in flat:
+    devices = getattr(getattr(x, 'sharding', None), 'device_set', None)
+    groups.setdefault(tuple(sorted(d.id for d in devices)) if devices else (), []).append((k, x))
+  out = {}
+  for members in groups.values():
+    sums = _fingerprint_leaves([x for _, x in members])
+    out.update({k: int(np.asarray(s.addressable_data(0))) for (k, _), s in zip(members, sums)})
+  return out
 
 
-def _verify_fingerprint(tree, expected: dict, where: str, saved_dtypes: dict):
+def verify_fingerprint(tree, expected: dict, where: str, saved_dtypes: dict):
   """Raises CorruptCheckpointError if restored arrays differ from what was saved."""
   if not expected:
     return
@@ -165,15 +174,24 @@ def _dtype_name(x) -> str:
 
 
 # ------------------------------------------------------------------------------ structure check
-def _saved_arrays(step_dir: epath.Path) -> dict:
-  """{name: (shape, dtype)} from the state item's Orbax metadata; raises if it is unreadable."""
-  state_dir = step_dir / STATE
-  if not state_dir.exists():
-    raise CorruptCheckpointError(f'{step_dir}: the "{STATE}" item is missing.')
-  md = ocp.PyTreeCheckpointer().metadata(state_dir)
-  tree = getattr(getattr(md, 'item_metadata', None), 'tree', None)
+def tree_metadata(item_dir):
+  """The saved pytree of ArrayMetadata (nested dicts/lists), or None if _METADATA is missing."""
+  return getattr(ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir)), 'tree', None)
+
+
+def saved_arrays(item_dir) -> dict:
+  """{name: (shape, dtype)} from an Orbax pytree item's metadata; raises if it is unreadable."""
+  item_dir = epath.Path(item_dir)
+  if not item_dir.exists():
+    raise CorruptCheckpointError(f'{item_dir} is missing.')
+  try:
+    with quiet_failed_reads():
+      tree = tree_metadata(item_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorruptCheckpointError(
+        f'{item_dir}: cannot read the array metadata ({short_error(e)})') from e
   if tree is None:
-    raise CorruptCheckpointError(f'{state_dir}: the Orbax array metadata (_METADATA) is missing.')
+    raise CorruptCheckpointError(f'{item_dir}: the Orbax array metadata (_METADATA) is missing.')
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     out[_keystr(path)] = (tuple(getattr(leaf, 'shape', ()) or ()), str(getattr(leaf, 'dtype', '')))
@@ -189,29 +207,29 @@ def _target_arrays(abstract_state) -> dict:
   return out
 
 
-def _check_compatible(step_dir: epath.Path, saved: dict, abstract_state):
+_CONFIG_FIX = ('train with the config saved in {where}/config, or use a fresh --workdir '
+               '(init.params_only=<export> keeps the parameters of a finished run)')
+
+
+def check_compatible(where, saved: dict, abstract_state, fix: str = _CONFIG_FIX):
+  """Raises CheckpointMismatchError if names or shapes of `saved` differ from `abstract_state`."""
   target = _target_arrays(abstract_state)
   missing = sorted(set(target) - set(saved))
   extra = sorted(set(saved) - set(target))
   shapes = sorted(f'{k}: checkpoint {saved[k][0]} vs target {target[k][0]}'
                   for k in set(saved) & set(target) if saved[k][0] != target[k][0])
-  if missing or extra or shapes:
-    parts = []
-    if missing:
-      parts.append(f'not in the checkpoint: {", ".join(missing[:8])}')
-    if extra:
-      parts.append(f'only in the checkpoint: {", ".join(extra[:8])}')
-    if shapes:
-      parts.append(f'shape differs: {"; ".join(shapes[:8])}')
+  parts = [f'{label}: {", ".join(names[:8])}' for label, names in (
+      ('not in the checkpoint', missing), ('only in the checkpoint', extra),
+      ('shape differs', shapes)) if names]
+  if parts:
     raise CheckpointMismatchError(
-        f'{step_dir} does not fit the state being restored ({" | ".join(parts)}). This is a config '
-        f'change, not corruption. Fix: train with the config saved in {step_dir / CONFIG}, or use a '
-        'fresh --workdir (init.params_only=<export> keeps the parameters of a finished run).')
+        f'{where} does not fit the arrays being restored ({" | ".join(parts)}). This is a config '
+        f'change, not corruption. Fix: {fix.format(where=where)}.')
 
 
 # ------------------------------------------------------------------------------- restore pieces
 @contextlib.contextmanager
-def _quiet_failed_reads():
+def quiet_failed_reads():
   """Orbax dumps whole TensorStore specs (hundreds of lines) from leaked tasks when a read fails;
   our one-line WARNING says what matters, so drop that noise while we probe a checkpoint."""
   asyncio_logger = py_logging.getLogger('asyncio')
@@ -226,48 +244,51 @@ def _quiet_failed_reads():
     asyncio_logger.setLevel(old_level)
 
 
-def _short(e: BaseException) -> str:
-  msg = ' '.join(str(e).split())
-  if ' See full TensorStore details' in msg:
-    msg = msg.split(' See full TensorStore details')[0]
-  return f'{type(e).__name__}: {msg[:300]}'
+def short_error(e: BaseException) -> str:
+  """One line: the error and its root cause (Orbax wraps TensorStore's useful message)."""
+  def one(x):
+    msg = ' '.join(str(x).split()).split(' See full TensorStore details')[0]
+    return f'{type(x).__name__}: {msg[:240]}'
+  chain, x = [e], e
+  while (x.__cause__ or x.__context__) is not None and len(chain) < 8:
+    x = x.__cause__ or x.__context__
+    chain.append(x)
+  return one(e) if len(chain) == 1 else f'{one(e)} (caused by {one(chain[-1])})'
 
 
 def _is_resource_error(e: BaseException) -> bool:
-  return isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in str(e)
+  while e is not None:
+    if isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _restore_step_dir(step_dir, abstract_state, data_iter=None, expected_step=None):
   """Restores one step directory: (state, metadata, config). Raises CorruptCheckpointError or
   CheckpointMismatchError; touches `data_iter` only after the state restored and verified."""
   step_dir = epath.Path(step_dir)
-  try:
-    saved = _saved_arrays(step_dir)
-  except CheckpointError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    raise CorruptCheckpointError(f'{step_dir}: cannot read the state metadata ({_short(e)})') from e
-  _check_compatible(step_dir, saved, abstract_state)
-  for item in (METADATA, CONFIG):
-    if not (step_dir / item).exists():
-      raise CorruptCheckpointError(f'{step_dir}: the "{item}" item is missing.')
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  try:
-    with _quiet_failed_reads():
-      out = ckptr.restore(step_dir, args=ocp.args.Composite(**{
-          STATE: ocp.args.StandardRestore(abstract_state),
-          METADATA: ocp.args.JsonRestore(), CONFIG: ocp.args.JsonRestore()}))
-  except Exception as e:  # pylint: disable=broad-except
-    if _is_resource_error(e):
-      raise
-    raise CorruptCheckpointError(f'{step_dir}: {_short(e)}') from e
-  state, metadata, config = out[STATE], out[METADATA], out[CONFIG]
+  if not (step_dir / STATE).exists():
+    raise CorruptCheckpointError(f'{step_dir}: the "{STATE}" item is missing.')
+  saved = saved_arrays(step_dir / STATE)
+  check_compatible(step_dir, saved, abstract_state)
+  metadata = read_json_item(step_dir, METADATA)
+  config = read_json_item(step_dir, CONFIG)
   if not isinstance(metadata, dict) or 'step' not in metadata:
     raise CorruptCheckpointError(f'{step_dir}: the "{METADATA}" item has no step.')
   if expected_step is not None and int(metadata['step']) != int(expected_step):
     raise CorruptCheckpointError(
         f'{step_dir}: metadata says step {metadata["step"]}, the directory says {expected_step}.')
-  _verify_fingerprint(state, metadata.get('fingerprint') or {}, str(step_dir / STATE),
+  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    with quiet_failed_reads():
+      state = ckptr.restore(step_dir, args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
+  except Exception as e:  # pylint: disable=broad-except
+    if _is_resource_error(e):
+      raise  # Out of memory is not corruption: the next checkpoint would fail the same way.
+    raise CorruptCheckpointError(f'{step_dir / STATE}: {short_error(e)}') from e
+  verify_fingerprint(state, metadata.get('fingerprint') or {}, str(step_dir / STATE),
                       {k: v[1] for k, v in saved.items()})
   if data_iter is not None:
     if (step_dir / DATA).exists():
@@ -275,13 +296,20 @@ def _restore_step_dir(step_dir, abstract_state, data_iter=None, expected_step=No
         ckptr.restore(step_dir, args=ocp.args.Composite(
             **{DATA: grain.checkpoint.CheckpointRestore(data_iter)}))
       except Exception as e:  # pylint: disable=broad-except
-        raise CorruptCheckpointError(f'{step_dir}: data iterator state: {_short(e)}') from e
+        raise CorruptCheckpointError(f'{step_dir}: data iterator state: {short_error(e)}') from e
     elif metadata.get('has_data_state', False):
       raise CorruptCheckpointError(f'{step_dir}: the "{DATA}" item is missing.')
     else:
       logging.warning('%s was saved without a data iterator state: the data iterator keeps its '
                       'current position (resume is not exact).', step_dir)
   return state, metadata, config
+
+
+def _without_prefix(msg: str, step_dir) -> str:
+  """'state/_METADATA: ...' rather than repeating the step directory the warning already names."""
+  if msg.startswith(str(step_dir)):
+    msg = msg[len(str(step_dir)):].lstrip('/: ')
+  return msg.rstrip('.') + '.'
 
 
 def _quarantine(step_dir: epath.Path) -> Optional[str]:
@@ -292,7 +320,7 @@ def _quarantine(step_dir: epath.Path) -> Optional[str]:
     target = step_dir.parent / f'{step_dir.name}{CORRUPT_SUFFIX}-{k}'
   if jax.process_index() == 0:
     step_dir.rename(target)
-  ocp.multihost.sync_global_processes(f'ccf_quarantine_{step_dir.name}_{k}_{time.time_ns()}')
+  ocp.multihost.sync_global_processes(f'ccf_quarantine_{step_dir.name}_{next(_BARRIERS)}')
   return str(target)
 
 
@@ -306,8 +334,8 @@ def _restore_first_good(step_dirs, abstract_state, data_iter, quarantine: bool):
     except CorruptCheckpointError as e:
       moved = _quarantine(step_dir) if quarantine else None
       logging.warning(
-          'Checkpoint %s is corrupt or incomplete and was NOT restored: %s. %s Falling back to the '
-          'previous checkpoint.', step_dir, e,
+          'Checkpoint %s is corrupt or incomplete and was NOT restored: %s %s Falling back to the '
+          'previous checkpoint.', step_dir, _without_prefix(str(e), step_dir),
           f'Moved it to {moved} for inspection (rename it back to retry).' if moved
           else 'Left it in place.')
       skipped.append({'step': step, 'path': str(step_dir), 'moved_to': moved, 'error': str(e)})
@@ -327,6 +355,7 @@ def _step_dirs(ckpt_dir: epath.Path) -> list:
 
 
 def is_step_dir(path) -> bool:
+  """A directory holding checkpoint items (as opposed to a workdir or checkpoints/ dir)."""
   path = epath.Path(path)
   return path.is_dir() and ((path / STATE).exists() or (path / METADATA).exists())
 
@@ -382,12 +411,12 @@ def read_json_item(step_dir, item: str) -> dict:
   if not (step_dir / item).exists():
     raise CorruptCheckpointError(f'{step_dir}: the "{item}" item is missing.')
   try:
-    with _quiet_failed_reads():
+    with quiet_failed_reads():
       out = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
           step_dir, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
     return out[item]
   except Exception as e:  # pylint: disable=broad-except
-    raise CorruptCheckpointError(f'{step_dir / item}: {_short(e)}') from e
+    raise CorruptCheckpointError(f'{step_dir / item}: {short_error(e)}') from e
 
 
 def restore_params(step_dir):
@@ -397,28 +426,24 @@ def restore_params(step_dir):
   Returns (params, metadata).
   """
   step_dir = epath.Path(step_dir)
-  try:
-    md = ocp.PyTreeCheckpointer().metadata(step_dir / STATE)
-    tree = md.item_metadata.tree
-  except Exception as e:  # pylint: disable=broad-except
-    raise CorruptCheckpointError(f'{step_dir / STATE}: cannot read the state metadata '
-                                 f'({_short(e)})') from e
+  saved_arrays(step_dir / STATE)  # Clear error if the state item is missing or unreadable.
+  tree = tree_metadata(step_dir / STATE)
   if not isinstance(tree, dict) or 'params' not in tree:
     raise CheckpointError(f'{step_dir / STATE} has no top-level "params" (found '
                           f'{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}).')
   metadata = read_json_item(step_dir, METADATA)
   pm = tree['params']
-  item = {'params': jax.tree.map(lambda m: np.zeros((), m.dtype), pm)}
+  item = {'params': pm}
   restore_args = {'params': jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), pm)}
   try:
-    with _quiet_failed_reads():
+    with quiet_failed_reads():
       out = ocp.PyTreeCheckpointer().restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
           item=item, restore_args=restore_args, partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except
-    raise CorruptCheckpointError(f'{step_dir / STATE}: {_short(e)}') from e
+    raise CorruptCheckpointError(f'{step_dir / STATE}: {short_error(e)}') from e
   expected = {k: v for k, v in (metadata.get('fingerprint') or {}).items()
               if k.startswith('params.')}
-  _verify_fingerprint(out, expected, str(step_dir / STATE), {})
+  verify_fingerprint(out, expected, str(step_dir / STATE), {})
   return out['params'], metadata
 
 
@@ -493,7 +518,7 @@ class CheckpointManager:
                        CONFIG: ocp.JsonCheckpointHandler(),
                        METADATA: ocp.JsonCheckpointHandler()})
     self._config_json = _config_dict(config)
-    self.last_save_blocking_s = None  # Time `maybe_save` blocked the caller (the whole save if sync).
+    self.last_save_blocking_s = None  # Seconds `maybe_save` blocked (the whole save if sync).
 
   # ---------------------------------------------------------------------------------- queries
   def all_steps(self) -> list:
@@ -563,8 +588,9 @@ class CheckpointManager:
   def restore(self, step: int, abstract_state, data_iter=None):
     """Restores one specific step (no fallback): (state, info)."""
     self.wait()
-    state, metadata, config = _restore_step_dir(self.step_dir(step), abstract_state, data_iter, step)
-    return state, RestoreInfo('restored', step, str(self.step_dir(step)), [], metadata, config)
+    step_dir = self.step_dir(step)
+    state, metadata, config = _restore_step_dir(step_dir, abstract_state, data_iter, step)
+    return state, RestoreInfo('restored', step, str(step_dir), [], metadata, config)
 
   def restore_or_init(self, abstract_state, init_fn: Callable[[], Any], data_iter=None):
     """Resumes from the latest good checkpoint, else `init_fn()` at step 0: (state, step, info).

@@ -86,9 +86,9 @@ def initial_params(cfg, arch):
 
 def _adapt_params(cfg, arch, params, source):
   from ccf_jax import model as model_lib
-  expected = model_lib.abstract_params(cfg.model, arch.module_cls)
-  if hasattr(arch, 'from_base_params') and arch.from_base_params is not None:
+  if arch.from_base_params is not None:
     return arch.from_base_params(cfg, params)
+  expected = model_lib.abstract_params(arch.module_config(cfg), arch.module_cls)
   got = jax.tree.map(lambda a: tuple(a.shape), params)
   want = jax.tree.map(lambda a: tuple(a.shape), expected)
   if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
@@ -134,8 +134,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         fn = ts.init_state_fn(config, tx, None if params is None else (lambda: params))
         return jax.jit(fn, out_shardings=state_sh)()
 
-      state, step, info = ckpt.restore_or_init(abstract, init_fn, train_iter)
-      step = int(step)
+      state, _, info = ckpt.restore_or_init(abstract, init_fn, train_iter)
+      step = int(jax.device_get(state.step))  # init.from_checkpoint continues its step count.
       logging.info('init: %s (step %d)', info, step)
       n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
       n_frozen = sum(int(x.size) for x in jax.tree.leaves(state.frozen))
@@ -149,7 +149,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       clock.mark('setup', t)
 
       loop = _Loop(config, workdir, writer, ckpt, train_iter, eval_step, batch_sh, arch, clock,
-                   preempt, is_main)
+                   preempt, is_main, tokenizer.model_path)
       state = loop.run(state, step, train_step, first)
       summary = loop.summary
       summary.update(params=n_params, frozen_params=n_frozen, phases=clock.phases,
@@ -165,7 +165,8 @@ class _Loop:
   """Holds the loop's bookkeeping so that `run` reads as a list of intentions."""
 
   def __init__(self, config, workdir, writer, ckpt, train_iter, eval_step, batch_sh, arch, clock,
-               preempt, is_main):
+               preempt, is_main, tokenizer_path):
+    self.tokenizer_path = tokenizer_path
     self.c, self.workdir, self.writer, self.ckpt = config, workdir, writer, ckpt
     self.train_iter, self.eval_step, self.batch_sh = train_iter, eval_step, batch_sh
     self.arch, self.clock, self.preempt, self.is_main = arch, clock, preempt, is_main
@@ -197,7 +198,7 @@ class _Loop:
     self.clock.mark('train', t_train)
     t = time.time()
     self.ckpt.maybe_save(step, state, self.train_iter, force=True,
-                         extra={'tokens_seen': self.tokens_seen, 'stop_reason': self.stop_reason})
+                         extra=self._extra(stop_reason=self.stop_reason or 'steps'))
     self.ckpt.wait()
     self.clock.mark('final_checkpoint', t)
     t = time.time()
@@ -277,7 +278,10 @@ class _Loop:
     return res
 
   def maybe_save_checkpoint(self, step, state):
-    self.ckpt.maybe_save(step, state, self.train_iter, extra={'tokens_seen': self.tokens_seen})
+    self.ckpt.maybe_save(step, state, self.train_iter, extra=self._extra())
+
+  def _extra(self, **kw):
+    return {'tokens_seen': self.tokens_seen, 'tokenizer_path': self.tokenizer_path, **kw}
 
   def maybe_profile(self, step):
     c = self.c.train
