@@ -18,6 +18,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from ccf_jax import config_lib
+
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/tiny.py', 'Experiment config.',
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after one compile/warm-up step).')
@@ -107,4 +109,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -88,6 +88,9 @@ def validate(cfg, num_devices: int | None = None) -> ml_collections.ConfigDict:
            f'data.batch_size={d.batch_size} must be divisible by train.grad_accum={t.grad_accum}.')
   _require(t.steps > 0 and 0 <= t.warmup_steps <= t.steps,
            f'train.warmup_steps={t.warmup_steps} must lie in [0, train.steps={t.steps}].')
+  if m.arch in ('ccf', 'segment_local', 'full_attention'):
+    from ccf_jax.ccf import arch as ccf_arch  # CCF's own checks live next to its geometry.
+    ccf_arch.check_config(cfg)
   if num_devices is not None:
     check_mesh(cfg, num_devices)
   return cfg
@@ -127,3 +130,22 @@ def _axes(entry):
   if entry is None:
     return ()
   return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def parse_flags(argv):
+  """absl flags parser for entry points: a bad `--config.a.b=V` becomes one clear line.
+
+  ml_collections raises a chain of KeyError/AttributeError for an unknown override; we name the
+  flag and the fix instead.
+  """
+  import sys
+
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}\nPass --help for the flags.')
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    sys.exit(f'error: could not apply config override(s) {bad}: {type(e).__name__}: {e}. '
+             'Fix: check the field names and value types against experiments/base.py.')

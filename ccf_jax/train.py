@@ -7,9 +7,12 @@ process count and id from the environment: SLURM, TPU metadata, or JAX_COORDINAT
 
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from ccf_jax import config_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py).',
                                           lock_config=True)
@@ -26,7 +29,11 @@ def main(argv):
   from ccf_jax import trainer
   logging.info('process %d/%d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  summary = trainer.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    summary = trainer.train_and_evaluate(config, _WORKDIR.value)
+  except trainer.USER_ERRORS as e:  # Bad input: one clear line, no traceback.
+    logging.error('%s: %s', type(e).__name__, e)
+    sys.exit(f'error ({type(e).__name__}): {e}')
   if jax.process_index() == 0:
     os.makedirs(_WORKDIR.value, exist_ok=True)
     with open(os.path.join(_WORKDIR.value, 'summary.json'), 'w') as f:
@@ -35,4 +42,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -25,11 +25,17 @@ import numpy as np
 from absl import logging
 
 from ccf_jax import arch as arch_lib, config_lib, metrics as metrics_lib, optim, sharding
+from ccf_jax import checkpoint as ckpt_lib, data as data_lib
 from ccf_jax import train_step as ts
 
 
 class NonFiniteError(FloatingPointError):
   """Raised when train.nonfinite='stop' and a step produced a non-finite loss or gradient."""
+
+
+# Errors caused by the user's input: entry points print them as one line (no traceback).
+USER_ERRORS = (config_lib.ConfigError, sharding.MeshError, data_lib.DataError,
+               ckpt_lib.CheckpointError, NonFiniteError)
 
 
 def peak_rss_gb() -> float:
@@ -99,8 +105,6 @@ def _adapt_params(cfg, arch, params, source):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per `config`, checkpointing into `workdir`; returns a summary of the run."""
-  from ccf_jax import checkpoint as ckpt_lib, data as data_lib
-
   clock = _Clock()
   t = time.time()
   pidx, pcount = jax.process_index(), jax.process_count()
@@ -175,7 +179,6 @@ class _Loop:
     self.summary: dict = {}
     self.train_start = time.time()
     self.stop_reason = ''
-    self.tokens_seen = 0
     self.profiling = False
 
   # ---------------------------------------------------------------------------------- the loop
@@ -198,7 +201,7 @@ class _Loop:
     self.clock.mark('train', t_train)
     t = time.time()
     self.ckpt.maybe_save(step, state, self.train_iter, force=True,
-                         extra=self._extra(stop_reason=self.stop_reason or 'steps'))
+                         extra=self._extra(step, stop_reason=self.stop_reason or 'steps'))
     self.ckpt.wait()
     self.clock.mark('final_checkpoint', t)
     t = time.time()
@@ -222,7 +225,6 @@ class _Loop:
   def _consume(self, step, metrics):
     m = jax.device_get(metrics)
     step_tokens = config_lib.tokens_per_step(self.c)  # Input tokens (padding included), global.
-    self.tokens_seen += step_tokens
     w = self.window
     w['steps'] += 1
     w['tokens'] += step_tokens
@@ -260,7 +262,6 @@ class _Loop:
     return state
 
   def evaluate(self, step, state) -> dict:
-    from ccf_jax import data as data_lib
     it = data_lib.make_train_iter(self.c, 'validation', jax.process_index(), jax.process_count())
     loss_sum, tokens, correct = 0.0, 0.0, 0.0
     for i, batch in enumerate(it):
@@ -278,10 +279,11 @@ class _Loop:
     return res
 
   def maybe_save_checkpoint(self, step, state):
-    self.ckpt.maybe_save(step, state, self.train_iter, extra=self._extra())
+    self.ckpt.maybe_save(step, state, self.train_iter, extra=self._extra(step))
 
-  def _extra(self, **kw):
-    return {'tokens_seen': self.tokens_seen, 'tokenizer_path': self.tokenizer_path, **kw}
+  def _extra(self, step, **kw):
+    tokens_seen = step * config_lib.tokens_per_step(self.c)
+    return {'tokens_seen': tokens_seen, 'tokenizer_path': self.tokenizer_path, **kw}
 
   def maybe_profile(self, step):
     c = self.c.train

@@ -1,0 +1,146 @@
+"""End-to-end trainer checks on the real Shakespeare corpus: learning, non-finite stop, budget,
+and exact resume after SIGKILL / SIGTERM of a real training process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ccf_jax import trainer
+from experiments import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small(**over):
+  c = tiny.get_config()
+  c.model.d_model = 64
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 16
+  c.model.mlp_dim = 128
+  c.model.vocab_size = 512
+  c.data.seq_len = 64
+  c.data.batch_size = 8
+  c.train.warmup_steps = 10
+  c.train.time_budget_s = 0.0
+  c.train.log_every = 10
+  c.train.eval_batches = 2
+  c.checkpoint.every = 1000
+  c.mesh.num_devices = 1
+  for k, v in over.items():
+    sect, key = k.split('__')
+    c[sect][key] = v
+  return c
+
+
+def read_losses(workdir):
+  """{step: loss} from metrics.jsonl; a resumed run's later lines overwrite the killed run's."""
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      rec = json.loads(line)
+      if rec['split'] == 'train':
+        out[rec['step']] = rec['loss']
+  return out
+
+
+def test_tiny_model_learns_real_text(tmp_path):
+  c = small(train__steps=100)
+  c.train.log_every = 5
+  summary = trainer.train_and_evaluate(c, str(tmp_path))
+  losses = read_losses(tmp_path)
+  first, last = losses[5], losses[100]
+  # From ~log(512)=6.2 at init the loss must fall well below it on real text.
+  assert first > 5.5 and last < first - 1.0, (first, last)
+  assert summary['eval']['loss'] < first - 0.8
+  assert summary['final_step'] == 100
+
+
+def test_nonfinite_stop_raises_and_saves_nothing(tmp_path):
+  c = small(train__steps=5, train__nonfinite='stop', train__lr=1e30, train__warmup_steps=0)
+  c.train.clip_norm = 0.0
+  c.train.decay = 'constant'
+  with pytest.raises(trainer.NonFiniteError, match='non-finite'):
+    trainer.train_and_evaluate(c, str(tmp_path))
+  ckpts = tmp_path / 'checkpoints'
+  assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
+
+
+def test_time_budget_stops_with_checkpoint(tmp_path):
+  c = small(train__steps=100000, train__time_budget_s=3.0)
+  summary = trainer.train_and_evaluate(c, str(tmp_path))
+  assert 'time budget' in summary['stop_reason']
+  steps = [int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert max(steps) == summary['final_step'] < 100000
+
+
+# ---------------------------------------------------------------------------------- resume
+RESUME_FLAGS = ['--config.model.d_model=64', '--config.model.num_layers=2',
+                '--config.model.head_dim=16', '--config.model.mlp_dim=128',
+                '--config.model.vocab_size=512', '--config.data.seq_len=64',
+                '--config.train.steps=60', '--config.train.warmup_steps=5',
+                '--config.train.log_every=1', '--config.train.time_budget_s=0',
+                '--config.train.eval_batches=1', '--config.checkpoint.every=20',
+                '--config.checkpoint.keep_last=10', '--config.mesh.num_devices=1']
+
+
+def launch(workdir):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  env['XLA_FLAGS'] = ''
+  return subprocess.Popen([sys.executable, '-m', 'ccf_jax.train', '--config=experiments/tiny.py',
+                           f'--workdir={workdir}', *RESUME_FLAGS], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def final_params(workdir):
+  from ccf_jax import checkpoint
+  return checkpoint.restore_params(os.path.join(workdir, 'checkpoints', '60'))[0]
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  wd = tmp_path_factory.mktemp('straight')
+  p = launch(wd)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  return wd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
+def test_resume_is_bitwise_exact(straight_run, tmp_path, sig):
+  p = launch(tmp_path)
+  first_ckpt = tmp_path / 'checkpoints' / '20'
+  deadline = time.time() + 300
+  while not first_ckpt.exists():
+    assert p.poll() is None, p.communicate()[0]
+    assert time.time() < deadline
+    time.sleep(0.01)
+  p.send_signal(sig)
+  out, _ = p.communicate(timeout=300)
+  done = sorted(int(x.name) for x in (tmp_path / 'checkpoints').iterdir() if x.name.isdigit())
+  assert 60 not in done, 'the run finished before the signal; make steps slower'
+  if sig == signal.SIGTERM:
+    assert p.returncode == 0 and 'SIGTERM' in out, out  # Clean exit after a final save.
+    assert done[-1] > 20
+  else:
+    assert p.returncode == -signal.SIGKILL
+  p = launch(tmp_path)  # Resume.
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  assert f'start step {done[-1]}' in out
+  ref, got = read_losses(straight_run), read_losses(tmp_path)
+  assert sorted(got) == list(range(1, 61))
+  for step in range(1, 61):
+    assert got[step] == ref[step], (step, got[step], ref[step])  # Bitwise equal floats.
+  a, b = final_params(straight_run), final_params(tmp_path)
+  import jax
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
