@@ -30,6 +30,13 @@ class Arch:
   train_flops: Callable
   # is_trainable(path_tuple_of_str) -> bool; the rest lives in TrainState.frozen.
   is_trainable: Callable = lambda cfg, path: True
+  # module_config(cfg) -> the config `module_cls` is built from (CCF adds its `ccf` section).
+  module_config: Callable = lambda cfg: cfg.model
+  # from_base_params(cfg, decoder_params) -> params: maps a plain-decoder export (init.params_only,
+  # init.from_hf) into this architecture's params; None = the export must match exactly.
+  from_base_params: Callable | None = None
+  # eval_loss(cfg, params, batch) -> like `loss`, for evaluation (no sampling); None = `loss`.
+  eval_loss: Callable | None = None
 
 
 def token_ce_sums(logits, tokens, loss_mask):

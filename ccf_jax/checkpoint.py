@@ -36,6 +36,7 @@ import datetime
 import gc
 import itertools
 import json
+import os
 import logging as py_logging
 import platform
 import sys
@@ -56,6 +57,12 @@ CHECKPOINTS_SUBDIR = 'checkpoints'
 CORRUPT_SUFFIX = '.corrupt'
 FORMAT_VERSION = 1
 _BARRIERS = itertools.count()  # Barrier names must match across processes and never repeat.
+
+
+def abspath(path) -> epath.Path:
+  """Orbax needs absolute paths; keep URLs (gs://...) as they are."""
+  path = str(path)
+  return epath.Path(path if '://' in path else os.path.abspath(os.path.expanduser(path)))
 
 
 class CheckpointError(RuntimeError):
@@ -176,12 +183,12 @@ def _dtype_name(x) -> str:
 # ------------------------------------------------------------------------------ structure check
 def tree_metadata(item_dir):
   """The saved pytree of ArrayMetadata (nested dicts/lists), or None if _METADATA is missing."""
-  return getattr(ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir)), 'tree', None)
+  return getattr(ocp.PyTreeCheckpointHandler().metadata(abspath(item_dir)), 'tree', None)
 
 
 def saved_arrays(item_dir) -> dict:
   """{name: (shape, dtype)} from an Orbax pytree item's metadata; raises if it is unreadable."""
-  item_dir = epath.Path(item_dir)
+  item_dir = abspath(item_dir)
   if not item_dir.exists():
     raise CorruptCheckpointError(f'{item_dir} is missing.')
   try:
@@ -267,7 +274,7 @@ def _is_resource_error(e: BaseException) -> bool:
 def _restore_step_dir(step_dir, abstract_state, data_iter=None, expected_step=None):
   """Restores one step directory: (state, metadata, config). Raises CorruptCheckpointError or
   CheckpointMismatchError; touches `data_iter` only after the state restored and verified."""
-  step_dir = epath.Path(step_dir)
+  step_dir = abspath(step_dir)
   if not (step_dir / STATE).exists():
     raise CorruptCheckpointError(f'{step_dir}: the "{STATE}" item is missing.')
   saved = saved_arrays(step_dir / STATE)
@@ -290,7 +297,14 @@ def _restore_step_dir(step_dir, abstract_state, data_iter=None, expected_step=No
     raise CorruptCheckpointError(f'{step_dir / STATE}: {short_error(e)}') from e
   verify_fingerprint(state, metadata.get('fingerprint') or {}, str(step_dir / STATE),
                       {k: v[1] for k, v in saved.items()})
-  if data_iter is not None:
+  saved_pc = metadata.get('process_count')
+  if data_iter is not None and saved_pc is not None and int(saved_pc) != jax.process_count():
+    # grain saves one iterator state per process (process_i-of-N.json); another process count
+    # reads a different data stream, so the position cannot carry over.
+    logging.warning('%s was written by %d processes and this run has %d: the data iterator state '
+                    'is not restored (the data order restarts; params and optimizer are exact).',
+                    step_dir, int(saved_pc), jax.process_count())
+  elif data_iter is not None:
     if (step_dir / DATA).exists():
       try:
         ckptr.restore(step_dir, args=ocp.args.Composite(
@@ -356,7 +370,7 @@ def _step_dirs(ckpt_dir: epath.Path) -> list:
 
 def is_step_dir(path) -> bool:
   """A directory holding checkpoint items (as opposed to a workdir or checkpoints/ dir)."""
-  path = epath.Path(path)
+  path = abspath(path)
   return path.is_dir() and ((path / STATE).exists() or (path / METADATA).exists())
 
 
@@ -365,7 +379,7 @@ def resolve_step_dirs(path, step: Optional[int] = None) -> list:
 
   A step directory or an explicit `step` gives one candidate (no fallback: the caller asked for it).
   """
-  path = epath.Path(path)
+  path = abspath(path)
   if not path.exists():
     raise FileNotFoundError(f'Checkpoint path {path} does not exist. Fix: pass a training workdir '
                             '(containing checkpoints/<step>/) or one of its step directories.')
@@ -407,7 +421,7 @@ def restore_from(path, abstract_state, data_iter=None):
 
 def read_json_item(step_dir, item: str) -> dict:
   """The `config` or `metadata` JSON item of a step directory, with a clear error if unreadable."""
-  step_dir = epath.Path(step_dir)
+  step_dir = abspath(step_dir)
   if not (step_dir / item).exists():
     raise CorruptCheckpointError(f'{step_dir}: the "{item}" item is missing.')
   try:
@@ -425,7 +439,7 @@ def restore_params(step_dir):
   Uses Orbax partial restore, so optimizer moments are never read. Verified against the checksum.
   Returns (params, metadata).
   """
-  step_dir = epath.Path(step_dir)
+  step_dir = abspath(step_dir)
   saved_arrays(step_dir / STATE)  # Clear error if the state item is missing or unreadable.
   tree = tree_metadata(step_dir / STATE)
   if not isinstance(tree, dict) or 'params' not in tree:
@@ -498,7 +512,7 @@ class CheckpointManager:
     self.keep_every = int(pick(keep_every, 'keep_every', 0))
     self.async_save = bool(pick(async_save, 'async_save', True))
     self.config = config
-    self.directory = epath.Path(workdir) / CHECKPOINTS_SUBDIR
+    self.directory = abspath(workdir) / CHECKPOINTS_SUBDIR
     self.directory.mkdir(parents=True, exist_ok=True)
     for tmp in sorted(self.directory.glob(f'*{ocp.step.TMP_DIR_SUFFIX}*')):
       logging.warning('Found %s, an interrupted save (the process died mid-write). It was never a '

@@ -96,7 +96,7 @@ def export(src, out_dir, step: Optional[int] = None, *, tokenizer: Optional[str]
   `src` is a training workdir, its checkpoints/ directory or one step directory. Without `step`,
   a corrupt latest checkpoint is skipped with a warning (as on resume). Returns `out_dir`.
   """
-  out_dir = epath.Path(out_dir)
+  out_dir = ckpt_lib.abspath(out_dir)
   if out_dir.exists() and not overwrite:
     raise ExportError(f'{out_dir} already exists. Fix: pass --overwrite, or choose another --out.')
   if out_dir.exists() and not (out_dir / INFO_JSON).exists() and any(out_dir.iterdir()):
@@ -178,7 +178,7 @@ def load_export(path, abstract_params=None):
   Without `abstract_params` the params are host numpy arrays. With a pytree of ShapeDtypeStruct
   (with `.sharding`) they are restored directly with those shardings (and cast to those dtypes).
   """
-  path = epath.Path(path)
+  path = ckpt_lib.abspath(path)
   if not path.exists():
     raise ExportError(f'Export directory {path} does not exist. Fix: create it from a training '
                       f'run with {_export_cmd(path)}.')

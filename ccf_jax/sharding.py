@@ -107,6 +107,11 @@ def use_mesh(mesh: jax.sharding.Mesh, rules):
     yield
 
 
+def active_rules():
+  """The rule table `constrain` uses now (None outside `use_rules` / `use_mesh`)."""
+  return _RULES[-1] if _RULES else None
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside `use_mesh` (unit tests, eager code)."""
   if not _RULES:

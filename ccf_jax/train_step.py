@@ -57,7 +57,7 @@ def state_shardings(cfg, abstract_state: TrainState, mesh) -> TrainState:
   """NamedShardings for every leaf of the (abstract) train state."""
   arch = arch_lib.get_arch(cfg)
   rules = cfg.mesh.rules
-  specs = model_lib.logical_specs(cfg.model, arch.module_cls)
+  specs = model_lib.logical_specs(arch.module_config(cfg), arch.module_cls)
 
   def leaf_sharding(path, leaf):
     spec = _spec_for_path(path, specs)
@@ -74,7 +74,7 @@ def init_state_fn(cfg, tx, params_fn=None):
 
   def init():
     params = params_fn() if params_fn is not None else model_lib.init_params(
-        cfg.model, cfg.train.seed, arch.module_cls)
+        arch.module_config(cfg), cfg.train.seed, arch.module_cls)
     trainable, frozen = arch_lib.split_params(cfg, arch, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
                       opt_state=tx.init(trainable), rng=jax.random.key_data(jax.random.key(cfg.train.seed)),
@@ -158,7 +158,10 @@ def make_eval_step(cfg):
 
   def eval_step(state: TrainState, batch: dict):
     params = arch_lib.merge_params(state.params, state.frozen)
-    loss_sum, n, aux = arch.loss(cfg, params, batch, jax.random.key(0))
+    if arch.eval_loss is not None:
+      loss_sum, n, aux = arch.eval_loss(cfg, params, batch)
+    else:
+      loss_sum, n, aux = arch.loss(cfg, params, batch, jax.random.key(0))
     return {'loss_sum': loss_sum, 'tokens': n, **aux}
 
   return eval_step

@@ -297,8 +297,17 @@ class _Loop:
       self.profiling = False
 
   def should_stop(self, step) -> bool:
+    """Time budget or SIGTERM. Multi-process runs agree on it (every log_every steps, one tiny
+    all-gather), since processes see the clock and signals at different steps."""
     budget = self.c.train.time_budget_s
-    if budget and time.time() - self.train_start >= budget:
+    over_budget = bool(budget) and time.time() - self.train_start >= budget
+    if jax.process_count() > 1:
+      if step % self.c.train.log_every:
+        return False
+      from jax.experimental import multihost_utils
+      flags_ = multihost_utils.process_allgather(np.array([over_budget, self.preempt.requested]))
+      over_budget, self.preempt.requested = (bool(x) for x in np.asarray(flags_).reshape(-1, 2).any(0))
+    if over_budget:
       self.stop_reason = f'time budget {budget:.0f}s reached at step {step}'
     elif self.preempt.requested:
       self.stop_reason = f'SIGTERM at step {step}'

@@ -55,6 +55,19 @@ def get_config() -> ml_collections.ConfigDict:
   x.segment_len = 128  # l: tokens per segment.
   x.num_segments = 8  # T: segments per training window.
   x.num_memory = 16  # c: memory tokens per segment (ratio r = l / c).
+  x.ratios = ()  # Ratios sampled per window, e.g. (4, 8, 16, 32), c = l/min padded; () = l/c.
+  x.mode = 'pretrain'  # 'pretrain': all trains | 'adapter': frozen base; LoRA + memory train.
+  x.shared_weights = True  # Pretrain: encoder shares the decoder's weights (False = own copy).
+  x.lora_rank = 8  # LoRA rank on encoder q/v and memory-row k/v (transfer head); paper 128.
+  x.lora_alpha = 32.0  # LoRA scale numerator (delta = alpha / rank * x A B); paper 512.
+  x.distinct_memory_tokens = False  # One vector per memory slot, not one repeated c times.
+  x.memory_init_token = -1  # Memory vectors start as this token's embedding (paper: eos); -1 random.
+  x.mask = 'nested'  # Encoder: 'nested' (memory j sees tokens < (j+1)*l/c) | 'plain' (all).
+  x.memory_positions = 'sequential'  # Memory rows' rotary positions: 'sequential' | 'segment'.
+  x.memory_window = 0  # Attend to the M most recent segments' memory (bounds positions); 0 = all.
+  x.score_first_token = True  # Score each segment's first token (predicted by the previous one).
+  x.ae_mode = 'off'  # Auto-encoding: 'off' | 'extra' (one random segment per window) | 'alternate'.
+  x.ae_weight = 0.5  # 'extra': auto-encoding loss weight; 'alternate': fraction of AE steps.
 
   # ---------------------------------------------------------------- optimisation / loop
   t = c.train = ml_collections.ConfigDict()

@@ -73,9 +73,12 @@ def test_nonfinite_stop_raises_and_saves_nothing(tmp_path):
   assert not ckpts.exists() or not [p for p in ckpts.iterdir() if p.name.isdigit()]
 
 
-def test_time_budget_stops_with_checkpoint(tmp_path):
+def test_time_budget_stops_with_checkpoint(tmp_path, monkeypatch):
   c = small(train__steps=100000, train__time_budget_s=3.0)
-  summary = trainer.train_and_evaluate(c, str(tmp_path))
+  c.checkpoint.every = 5
+  monkeypatch.chdir(tmp_path)  # A relative workdir must work (Orbax itself wants absolute paths).
+  summary = trainer.train_and_evaluate(c, 'relative_workdir')
+  tmp_path = tmp_path / 'relative_workdir'
   assert 'time budget' in summary['stop_reason']
   steps = [int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()]
   assert max(steps) == summary['final_step'] < 100000
