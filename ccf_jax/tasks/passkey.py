@@ -1,0 +1,127 @@
+"""Passkey retrieval: a random key stated once at a chosen depth of filler, asked for at the end.
+
+The classic long-context probe (Mohtashami & Jaggi 2023, used by the CCF/UIO papers): a document of
+`length` tokens is filler text with one sentence stating a k-digit key somewhere in it, and ends
+with a question whose answer, the key, is the document's last tokens:
+
+    [bos] filler[:at] "The pass key is 12345. Remember it. 12345 is the pass key." filler[at:]
+    "What is the pass key? The pass key is" "12345"
+
+Only the answer tokens are scored (`loss_mask`), so training or evaluating a model on these
+windows measures exactly whether the key survived the trip from its segment to the last one. For a
+CCF model with the key in the first segment and the question in the last, the key can only arrive
+through memory.
+
+Why these choices:
+  * Tokenizer-agnostic: the caller passes `encode: str -> list[int]` (a ccf_jax Tokenizer's
+    `encode`, or a toy character map in tests). Statement, question and answer are encoded
+    separately and concatenated, so their token ids are the same in every example whatever the
+    depth; with a digit-splitting tokenizer (ccf_jax's trains with split_digits) every answer token
+    is one digit and `score` gives per-digit accuracy (chance 10%).
+  * The filler is the standard repeated sentences, or any token stream the caller provides (e.g.
+    held-out text), cycled to the exact length needed.
+  * Depth is the fraction of the filler placed before the key statement (0 = right after bos,
+    1 = right before the question); a pair (lo, hi) draws it uniformly per example.
+  * Everything is numpy and seeded, so the evaluation issue can regenerate identical grids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+FILLER = ('The grass is green. The sky is blue. The sun is yellow. Here we go. There and back '
+          'again. ')
+STATEMENT = 'The pass key is {key}. Remember it. {key} is the pass key. '
+QUESTION = 'What is the pass key? The pass key is'
+
+
+@dataclasses.dataclass
+class Example:
+  """One passkey document."""
+  tokens: np.ndarray  # int32[length].
+  loss_mask: np.ndarray  # float32[length]: 1 on the answer tokens only.
+  key: str  # The digits.
+  key_start: int  # Index of the statement's first token.
+  answer_start: int  # Index of the answer's first token (the answer runs to the end).
+
+
+def make_example(encode: Callable[[str], Sequence[int]], length: int, depth: float,
+                 rng: np.random.Generator, num_digits: int = 5, bos_id: int | None = None,
+                 filler_tokens: Sequence[int] | None = None) -> Example:
+  """A document of exactly `length` tokens with the key statement at `depth` of the filler."""
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f'depth={depth} must lie in [0, 1].')
+  key = ''.join(str(d) for d in rng.integers(0, 10, num_digits))
+  prefix = [] if bos_id is None else [int(bos_id)]
+  statement = list(encode(STATEMENT.format(key=key)))
+  question = list(encode(QUESTION))
+  answer = list(encode(key))
+  num_fill = length - len(prefix) - len(statement) - len(question) - len(answer)
+  if num_fill < 0:
+    raise ValueError(f'length={length} cannot hold the passkey statement, question and answer '
+                     f'({length - num_fill} tokens). Fix: use a longer length.')
+  filler = list(filler_tokens) if filler_tokens is not None else list(encode(FILLER))
+  if not filler:
+    raise ValueError('the filler is empty.')
+  fill = [filler[i % len(filler)] for i in range(num_fill)]
+  at = int(round(depth * num_fill))
+  tokens = prefix + fill[:at] + statement + fill[at:] + question + answer
+  mask = np.zeros(length, np.float32)
+  mask[length - len(answer):] = 1.0
+  return Example(np.asarray(tokens, np.int32), mask, key, len(prefix) + at, length - len(answer))
+
+
+def make_batch(encode: Callable[[str], Sequence[int]], batch_size: int, num_segments: int,
+               segment_len: int, depth: float | tuple[float, float], seed: int = 0,
+               num_digits: int = 5, bos_id: int | None = None,
+               filler_tokens: Sequence[int] | None = None) -> dict:
+  """Windowed batch {tokens int32[B, T*l], loss_mask, num_valid_segments, key_start, answer_start}
+  of passkey documents filling T segments exactly, plus `keys` (list of str)."""
+  rng = np.random.default_rng(seed)
+  length = num_segments * segment_len
+  examples = []
+  for _ in range(batch_size):
+    d = rng.uniform(*depth) if isinstance(depth, (tuple, list)) else depth
+    examples.append(make_example(encode, length, float(d), rng, num_digits, bos_id, filler_tokens))
+  return {
+      'tokens': np.stack([e.tokens for e in examples]),
+      'loss_mask': np.stack([e.loss_mask for e in examples]),
+      'num_valid_segments': np.full((batch_size,), num_segments, np.int32),
+      'key_start': np.array([e.key_start for e in examples], np.int32),
+      'answer_start': np.array([e.answer_start for e in examples], np.int32),
+      'keys': [e.key for e in examples],
+  }
+
+
+def depth_range_in_segment(encode: Callable[[str], Sequence[int]], length: int, segment: int,
+                           segment_len: int, num_digits: int = 5, bos: bool = True):
+  """(lo, hi) depths that put the whole key statement inside segment `segment` (0-based).
+
+  Assumes the statement's token count does not depend on the digits (true for tokenizers that
+  split digits, as ccf_jax's do).
+  """
+  statement = len(encode(STATEMENT.format(key='0' * num_digits)))
+  num_fill = (length - int(bos) - statement - len(encode(QUESTION))
+              - len(encode('0' * num_digits)))
+  first = max(0, segment * segment_len - int(bos))
+  last = (segment + 1) * segment_len - int(bos) - statement
+  if last < first or num_fill <= 0:
+    raise ValueError(f'the key statement ({statement} tokens) does not fit in segment {segment}.')
+  return first / num_fill, min(last, num_fill) / num_fill
+
+
+def score(logits: np.ndarray, batch: dict) -> dict:
+  """Teacher-forced answer accuracy from next-token logits [B, length, vocab] (position i predicts
+  token i+1): per answer token (per digit with a digit-splitting tokenizer) and exact match."""
+  logits = np.asarray(logits)
+  tokens, mask = batch['tokens'], batch['loss_mask']
+  pred = logits[:, :-1].argmax(-1)
+  target_mask = mask[:, 1:] > 0
+  hit = (pred == tokens[:, 1:]) & target_mask
+  per_example = hit.sum(1) / np.maximum(target_mask.sum(1), 1)
+  return {'per_digit_accuracy': float(hit.sum() / max(target_mask.sum(), 1)),
+          'exact_match': float(np.mean(per_example == 1.0)),
+          'chance': 0.1}

@@ -1,0 +1,54 @@
+"""The passkey generator: exact lengths, placement at the requested depth, answer-only scoring."""
+
+import numpy as np
+import pytest
+
+from ccf_jax.tasks import passkey
+
+VOCAB = 97
+
+
+def encode(text):
+  """A toy character tokenizer (one token per character, so digits are single tokens)."""
+  return [3 + ord(ch) % (VOCAB - 3) for ch in text]
+
+
+@pytest.mark.parametrize('depth', [0.0, 0.3, 1.0])
+def test_example_layout(depth):
+  ex = passkey.make_example(encode, 600, depth, np.random.default_rng(0), bos_id=2)
+  statement = encode(passkey.STATEMENT.format(key=ex.key))
+  answer = encode(ex.key)
+  assert ex.tokens.shape == (600,) and ex.tokens[0] == 2
+  assert list(ex.tokens[ex.key_start:ex.key_start + len(statement)]) == statement
+  assert list(ex.tokens[-len(answer):]) == answer and ex.answer_start == 600 - len(answer)
+  question = encode(passkey.QUESTION)
+  assert list(ex.tokens[ex.answer_start - len(question):ex.answer_start]) == question
+  num_fill = 600 - 1 - len(statement) - len(question) - len(answer)
+  assert ex.key_start == 1 + round(depth * num_fill)
+  assert ex.loss_mask.sum() == len(answer) == 5 and ex.loss_mask[ex.answer_start:].all()
+
+
+def test_batch_puts_the_key_in_the_requested_segment():
+  lo, hi = passkey.depth_range_in_segment(encode, 8 * 128, 0, 128)
+  batch = passkey.make_batch(encode, 16, 8, 128, (lo, hi), seed=1, bos_id=2)
+  statement = len(encode(passkey.STATEMENT.format(key='00000')))
+  assert batch['tokens'].shape == (16, 1024) and batch['loss_mask'].shape == (16, 1024)
+  assert (batch['key_start'] >= 0).all() and (batch['key_start'] + statement <= 128).all()
+  assert (batch['answer_start'] >= 7 * 128).all()  # Asked for in the last segment.
+  assert len(set(batch['keys'])) > 1 and (batch['num_valid_segments'] == 8).all()
+  with pytest.raises(ValueError, match='longer length'):
+    passkey.make_example(encode, 40, 0.5, np.random.default_rng(0))
+
+
+def test_score_on_crafted_logits():
+  batch = passkey.make_batch(encode, 2, 2, 64, 0.5, seed=2)
+  tokens = batch['tokens']
+  logits = np.zeros((2, 128, VOCAB), np.float32)
+  logits[np.arange(2)[:, None], np.arange(127)[None], tokens[:, 1:]] = 1.0  # Perfect predictions.
+  assert passkey.score(logits, batch) == {'per_digit_accuracy': 1.0, 'exact_match': 1.0,
+                                          'chance': 0.1}
+  a = batch['answer_start'][0]
+  logits[0, a - 1] = 0.0
+  logits[0, a - 1, (tokens[0, a] + 1) % VOCAB] = 1.0  # One wrong digit in example 0.
+  got = passkey.score(logits, batch)
+  assert got['per_digit_accuracy'] == pytest.approx(9 / 10) and got['exact_match'] == 0.5
