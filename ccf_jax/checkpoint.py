@@ -434,11 +434,13 @@ def read_json_item(step_dir, item: str) -> dict:
 
 
 def restore_params(step_dir):
-  """Only `params` of a step's state, as host numpy arrays on no particular mesh (for export).
+  """All model parameters of a step's state (trainable `params` merged with `frozen`, e.g. the
+  base of an adapter run), as host numpy arrays on no particular mesh (for export).
 
   Uses Orbax partial restore, so optimizer moments are never read. Verified against the checksum.
   Returns (params, metadata).
   """
+  from ccf_jax import arch as arch_lib  # pylint: disable=g-import-not-at-top
   step_dir = abspath(step_dir)
   saved_arrays(step_dir / STATE)  # Clear error if the state item is missing or unreadable.
   tree = tree_metadata(step_dir / STATE)
@@ -446,9 +448,8 @@ def restore_params(step_dir):
     raise CheckpointError(f'{step_dir / STATE} has no top-level "params" (found '
                           f'{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}).')
   metadata = read_json_item(step_dir, METADATA)
-  pm = tree['params']
-  item = {'params': pm}
-  restore_args = {'params': jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), pm)}
+  item = {k: tree[k] for k in ('params', 'frozen') if isinstance(tree.get(k), dict) and tree[k]}
+  restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), item)
   try:
     with quiet_failed_reads():
       out = ocp.PyTreeCheckpointer().restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
@@ -456,9 +457,9 @@ def restore_params(step_dir):
   except Exception as e:  # pylint: disable=broad-except
     raise CorruptCheckpointError(f'{step_dir / STATE}: {short_error(e)}') from e
   expected = {k: v for k, v in (metadata.get('fingerprint') or {}).items()
-              if k.startswith('params.')}
+              if k.split('.')[0] in item}
   verify_fingerprint(out, expected, str(step_dir / STATE), {})
-  return out['params'], metadata
+  return arch_lib.merge_params(out['params'], out.get('frozen', {})), metadata
 
 
 # --------------------------------------------------------------------------------- the manager

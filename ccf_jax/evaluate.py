@@ -3,7 +3,7 @@
 Measures an export the same way whatever its architecture and writes one directory per run:
 `results.json` (every number with config, checkpoint step, tokenizer, machine and versions) and
 `report.md` (tables). The `ppl` section is held-out token-level perplexity on the corpus's test
-split (with memory on and off for CCF models, whose Arch exposes `memory_off_loss`).
+split (with memory on and off for CCF models: `ccf.arch.lm_loss(..., memory='off')`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,13 @@ def heldout_loss(config, params, split: str, max_batches: int, memory: str = 'on
 
   from ccf_jax import arch as arch_lib, data as data_lib
   arch = arch_lib.get_arch(config)
-  loss_fn = arch.loss if memory == 'on' else getattr(arch, 'memory_off_loss')
-  step = jax.jit(lambda p, b: loss_fn(config, p, b, jax.random.key(0)))
+  if memory == 'off':
+    from ccf_jax.ccf.arch import lm_loss
+    step = jax.jit(lambda p, b: lm_loss(config, p, b, 'off'))
+  elif arch.eval_loss is not None:
+    step = jax.jit(lambda p, b: arch.eval_loss(config, p, b))
+  else:
+    step = jax.jit(lambda p, b: arch.loss(config, p, b, jax.random.key(0)))
   total, count, correct = 0.0, 0.0, 0.0
   for i, batch in enumerate(data_lib.make_train_iter(config, split, 0, 1)):
     if i >= max_batches:
@@ -73,7 +78,7 @@ def run(export_dir: str, out_dir: str, only=('ppl',), preset: str = 'quick') -> 
   t0 = time.time()
   if 'ppl' in only:
     sec = {'test': heldout_loss(config, params, 'test', p['batches'])}
-    if getattr(arch, 'memory_off_loss', None) is not None:
+    if config.model.arch == 'ccf':
       sec['test_memory_off'] = heldout_loss(config, params, 'test', p['batches'], memory='off')
     results['ppl'] = sec
   results['wall_s'] = round(time.time() - t0, 2)

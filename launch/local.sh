@@ -10,7 +10,7 @@
 # the evaluation report in .../eval/report.md. Data and tokenizer caches go to $CCF_DATA.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CONFIG="experiments/tiny.py"
+CONFIG="experiments/tiny_ccf.py"
 DEVICES=1
 WORKDIR=""
 EXTRA=()
