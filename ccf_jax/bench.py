@@ -108,5 +108,17 @@ def main(argv):
     print(json.dumps(rec), flush=True)
 
 
+def _import_subcommand_flags(argv):
+  """Imports the chosen subcommand's module before flag parsing, so its own flags parse."""
+  target = SUBCOMMANDS.get(argv[1]) if len(argv) > 1 else None
+  if target and ':' in target:
+    try:
+      importlib.import_module(target.split(':')[0])
+    except ModuleNotFoundError:
+      pass  # main() reports it.
+
+
 if __name__ == '__main__':
+  import sys
+  _import_subcommand_flags(sys.argv)
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -1,0 +1,146 @@
+"""`python -m ccf_jax.bench signal --config=experiments/tiny_ccf.py`: does the memory carry signal?
+
+Trains the CCF model and a `segment_local` model (same data, same steps, same seed) for each of
+`--signal_seeds` seeds, then scores held-out windows of the validation plays on segments t > 0
+only (segment 0 sees no memory in any model, so it would only dilute the difference):
+
+  * ccf (memory on), ccf with memory off (its own weights, no memory rows), segment_local, and
+    full_attention (the plain decoder over the whole window: the upper bound CCF compresses), the
+    latter trained the same way when `--signal_full_attention` is set.
+  * Per-window mean losses give standard errors; the CCF - segment_local difference is paired by
+    window, so its standard error is that of the per-window differences.
+  * Across seeds: the run-to-run spread (std of the per-seed mean losses).
+  * The fraction of the segment_local -> full_attention gap that CCF closes.
+  * Equal wall time: segment_local trained again for the wall time CCF took (it is cheaper per
+    step, so it gets more steps).
+
+Prints one JSON object per trained model and a final summary object. Run outside the test suite;
+it takes `steps` x (2..4 models) x seeds training steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+
+from ccf_jax import arch as arch_lib, data as data_lib, trainer
+from ccf_jax.ccf import masks
+from ccf_jax.ccf.arch import lm_logits
+
+_SEEDS = flags.DEFINE_integer('signal_seeds', 3, 'Seeds per model (bench signal).')
+_WINDOWS = flags.DEFINE_integer('signal_eval_batches', 8, 'Held-out batches scored (bench signal).')
+_FULL = flags.DEFINE_bool('signal_full_attention', True, 'Also train full_attention (bench signal).')
+_EQUAL_TIME = flags.DEFINE_bool('signal_equal_time', True,
+                                'Also train segment_local for CCF\'s wall time (bench signal).')
+
+
+def window_losses(cfg, params, batch, memory: str) -> tuple[np.ndarray, np.ndarray]:
+  """Per-window (loss sum, target count) over segments t > 0, as scored in training."""
+  logits = lm_logits(cfg, params, batch, memory)
+  tokens = batch['tokens']
+  scored = masks.scored_mask(cfg.ccf, batch['loss_mask'], batch['num_valid_segments'])
+  later = (jnp.arange(tokens.shape[1]) >= cfg.ccf.segment_len)[None]
+  w = (scored * later)[:, 1:]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]) * w
+  return ce.sum(1), w.sum(1)
+
+
+def heldout(cfg, params, memory: str, max_batches: int) -> np.ndarray:
+  """Per-window mean loss on segments t > 0 of the validation split (windows with targets)."""
+  fn = jax.jit(lambda p, b: window_losses(cfg, p, b, memory))
+  sums, counts = [], []
+  for i, batch in enumerate(data_lib.make_train_iter(cfg, 'validation', 0, 1)):
+    if i >= max_batches:
+      break
+    s, n = jax.device_get(fn(params, batch))
+    sums.append(s)
+    counts.append(n)
+  s, n = np.concatenate(sums), np.concatenate(counts)
+  return s[n > 0] / n[n > 0]
+
+
+def _train(cfg, arch: str, seed: int, steps: int | None = None, budget_s: float = 0.0):
+  c = copy.deepcopy(cfg)
+  c.model.arch = arch
+  c.train.seed = seed
+  c.data.shuffle_seed = seed
+  if steps is not None:
+    c.train.steps = steps
+  c.train.time_budget_s = budget_s
+  c.train.eval_every = 0
+  c.mesh.num_devices = 1
+  c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 1
+  with tempfile.TemporaryDirectory() as wd:
+    t = time.time()
+    summary = trainer.train_and_evaluate(c, wd)
+    wall = time.time() - t
+    from ccf_jax import checkpoint
+    params, _ = checkpoint.restore_params(os.path.join(wd, 'checkpoints', str(summary['final_step'])))
+  return c, params, summary, wall
+
+
+def _stats(x: np.ndarray) -> dict:
+  return {'mean': float(x.mean()), 'se': float(x.std(ddof=1) / math.sqrt(len(x))), 'windows': len(x)}
+
+
+def bench_signal(config) -> list:
+  """Trains and scores the models; returns JSON-able records (the last one is the summary)."""
+  out, per_seed = [], []
+  for seed in range(_SEEDS.value):
+    rec = {'seed': seed}
+    c_ccf, p_ccf, s_ccf, wall_ccf = _train(config, 'ccf', seed)
+    rec['ccf'] = heldout(c_ccf, p_ccf, 'on', _WINDOWS.value)
+    rec['ccf_memory_off'] = heldout(c_ccf, p_ccf, 'off', _WINDOWS.value)
+    c_sl, p_sl, s_sl, wall_sl = _train(config, 'segment_local', seed, steps=s_ccf['final_step'])
+    rec['segment_local'] = heldout(c_sl, p_sl, 'off', _WINDOWS.value)
+    runs = {'ccf': (s_ccf, wall_ccf), 'segment_local': (s_sl, wall_sl)}
+    if _FULL.value:
+      c_fa, p_fa, s_fa, wall_fa = _train(config, 'full_attention', seed, steps=s_ccf['final_step'])
+      rec['full_attention'] = heldout(c_fa, p_fa, 'off', _WINDOWS.value)
+      runs['full_attention'] = (s_fa, wall_fa)
+    if _EQUAL_TIME.value:
+      c_eq, p_eq, s_eq, wall_eq = _train(config, 'segment_local', seed, steps=100000,
+                                         budget_s=s_ccf['phases']['train'])
+      rec['segment_local_equal_time'] = heldout(c_eq, p_eq, 'off', _WINDOWS.value)
+      runs['segment_local_equal_time'] = (s_eq, wall_eq)
+    for name, (s, wall) in runs.items():
+      out.append({'bench': 'signal', 'seed': seed, 'model': name, 'steps': s['final_step'],
+                  'train_s': s['phases']['train'], 'wall_s': round(wall, 1),
+                  'heldout_t_gt_0': _stats(rec[name]),
+                  **({'memory_off': _stats(rec['ccf_memory_off'])} if name == 'ccf' else {})})
+      print(out[-1], flush=True)
+    per_seed.append(rec)
+
+  def seed_means(name):
+    return np.array([r[name].mean() for r in per_seed if name in r])
+
+  diffs = [r['segment_local'] - r['ccf'] for r in per_seed]  # Paired by window (same data order).
+  summary = {'bench': 'signal', 'summary': True, 'config': config.name, 'seeds': len(per_seed)}
+  for name in ('ccf', 'ccf_memory_off', 'segment_local', 'full_attention', 'segment_local_equal_time'):
+    m = seed_means(name)
+    if len(m):
+      summary[name] = {'mean_over_seeds': float(m.mean()),
+                       'seed_spread_std': float(m.std(ddof=1)) if len(m) > 1 else None}
+  d = np.concatenate(diffs)
+  summary['segment_local_minus_ccf'] = {'mean': float(d.mean()),
+                                        'se': float(d.std(ddof=1) / math.sqrt(len(d))),
+                                        'z': float(d.mean() / (d.std(ddof=1) / math.sqrt(len(d))))}
+  spread = summary['ccf'].get('seed_spread_std') or 0.0
+  summary['bar_3se'] = bool(summary['segment_local_minus_ccf']['z'] > 3)
+  summary['bar_beyond_seed_spread'] = bool(d.mean() > max(spread, summary['segment_local'].get(
+      'seed_spread_std') or 0.0))
+  if 'full_attention' in summary:
+    gap = summary['segment_local']['mean_over_seeds'] - summary['full_attention']['mean_over_seeds']
+    closed = summary['segment_local']['mean_over_seeds'] - summary['ccf']['mean_over_seeds']
+    summary['gap_closed_fraction'] = float(closed / gap) if gap > 0 else None
+  out.append(summary)
+  return out
