@@ -89,6 +89,56 @@ def _params_fingerprint(params) -> dict:
   return ckpt_lib.fingerprint({PARAMS: params})
 
 
+def _check_out(out_dir: epath.Path, overwrite: bool):
+  if out_dir.exists() and not overwrite:
+    raise ExportError(f'{out_dir} already exists. Fix: pass --overwrite, or choose another --out.')
+  if out_dir.exists() and not (out_dir / INFO_JSON).exists() and any(out_dir.iterdir()):
+    raise ExportError(f'{out_dir} exists and is not a ccf_jax export; refusing to replace it even '
+                      'with --overwrite. Fix: choose another --out.')
+
+
+def write_export(out_dir, params, config: dict, *, files: Optional[dict] = None,
+                 info: Optional[dict] = None, overwrite: bool = False) -> epath.Path:
+  """Writes an export directory from in-memory params (the one writer every exporter shares).
+
+  `config` is the training-config dict for config.json; `files` maps names inside the export
+  (e.g. 'tokenizer.model', 'hf/tokenizer.json') to source files copied verbatim; `info` entries
+  are added to export_info.json next to the format, time, parameter count and checksums. The
+  directory is assembled under a temporary name and renamed into place (see the module doc).
+  """
+  out_dir = ckpt_lib.abspath(out_dir)
+  _check_out(out_dir, overwrite)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out_dir.parent / f'.{out_dir.name}.tmp-{os.getpid()}-{time.time_ns()}'
+  try:
+    tmp.mkdir()
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp / PARAMS, params)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    (tmp / CONFIG_JSON).write_text(json.dumps(config, indent=2))
+    for name, src in (files or {}).items():
+      (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(src, tmp / name)
+    info = {
+        'format': FORMAT_VERSION, **(info or {}),
+        'exported_at': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        'num_params': int(sum(np.size(x) for x in jax.tree.leaves(params))),
+        'fingerprint': _params_fingerprint(params)}
+    (tmp / INFO_JSON).write_text(json.dumps(info, indent=2))
+    if out_dir.exists():  # overwrite: swap in the new one, then drop the old.
+      old = out_dir.parent / f'.{out_dir.name}.old-{time.time_ns()}'
+      out_dir.rename(old)
+      tmp.rename(out_dir)
+      shutil.rmtree(old)
+    else:
+      tmp.rename(out_dir)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
+
+
 def export(src, out_dir, step: Optional[int] = None, *, tokenizer: Optional[str] = None,
            require_tokenizer: bool = True, overwrite: bool = False) -> epath.Path:
   """Writes an export of the latest good (or the given) checkpoint under `src` to `out_dir`.
@@ -97,11 +147,7 @@ def export(src, out_dir, step: Optional[int] = None, *, tokenizer: Optional[str]
   a corrupt latest checkpoint is skipped with a warning (as on resume). Returns `out_dir`.
   """
   out_dir = ckpt_lib.abspath(out_dir)
-  if out_dir.exists() and not overwrite:
-    raise ExportError(f'{out_dir} already exists. Fix: pass --overwrite, or choose another --out.')
-  if out_dir.exists() and not (out_dir / INFO_JSON).exists() and any(out_dir.iterdir()):
-    raise ExportError(f'{out_dir} exists and is not a ccf_jax export; refusing to replace it even '
-                      'with --overwrite. Fix: choose another --out.')
+  _check_out(out_dir, overwrite)
   candidates = ckpt_lib.resolve_step_dirs(src, step)
   explicit = step is not None or len(candidates) == 1
   params = config = metadata = step_dir = None
@@ -121,42 +167,19 @@ def export(src, out_dir, step: Optional[int] = None, *, tokenizer: Optional[str]
         f'No tokenizer is recorded for {step_dir} (neither metadata extra["tokenizer_path"] nor '
         'config data.tokenizer). Fix: pass --tokenizer=PATH/TO/tokenizer.model, or '
         '--norequire_tokenizer to export params and config only.')
-
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_dir.parent / f'.{out_dir.name}.tmp-{os.getpid()}-{time.time_ns()}'
-  try:
-    tmp.mkdir()
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / PARAMS, params)
-    ckptr.wait_until_finished()
-    ckptr.close()
-    (tmp / CONFIG_JSON).write_text(json.dumps(config, indent=2))
-    if tok is not None:
-      shutil.copyfile(tok, tmp / TOKENIZER_MODEL)
-      side = _sidecar(tok)
-      if side is not None:
-        shutil.copyfile(side, tmp / TOKENIZER_JSON)
-    info = {
-        'format': FORMAT_VERSION, 'step': metadata.get('step'), 'source': str(step_dir),
-        'tokens_seen': metadata.get('tokens_seen'),
-        'exported_at': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        'tokenizer_source': str(tok) if tok is not None else None,
-        'train_versions': metadata.get('versions'), 'num_params': int(sum(
-            np.size(x) for x in jax.tree.leaves(params))),
-        'fingerprint': _params_fingerprint(params)}
-    (tmp / INFO_JSON).write_text(json.dumps(info, indent=2))
-    if out_dir.exists():  # overwrite: swap in the new one, then drop the old.
-      old = out_dir.parent / f'.{out_dir.name}.old-{time.time_ns()}'
-      out_dir.rename(old)
-      tmp.rename(out_dir)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(out_dir)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp, ignore_errors=True)
+  files = {}
+  if tok is not None:
+    files[TOKENIZER_MODEL] = tok
+    side = _sidecar(tok)
+    if side is not None:
+      files[TOKENIZER_JSON] = side
+  info = {'step': metadata.get('step'), 'source': str(step_dir),
+          'tokens_seen': metadata.get('tokens_seen'),
+          'tokenizer_source': str(tok) if tok is not None else None,
+          'train_versions': metadata.get('versions')}
+  write_export(out_dir, params, config, files=files, info=info, overwrite=overwrite)
   logging.info('Exported step %s of %s to %s (%d params).', info['step'], step_dir, out_dir,
-               info['num_params'])
+               sum(np.size(x) for x in jax.tree.leaves(params)))
   return out_dir
 
 
