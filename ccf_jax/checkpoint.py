@@ -110,7 +110,7 @@ def _keystr(path) -> str:
 
 
 def _leaf_fingerprint(x):
-  """sum(bits[i] * odd_weight(i)) mod 2^32: exact under any sharding; catches any 1-bit flip."""
+  """sum_i fmix32(bits[i] ^ hash(i)) mod 2^32: exact under any sharding; catches any 1-bit flip."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
   if x.dtype == jnp.bool_:
@@ -123,8 +123,14 @@ def _leaf_fingerprint(x):
   for d in reversed(range(u.ndim)):  # Flat index without a reshape (no resharding of the input).
     idx = idx + lax.broadcasted_iota(jnp.uint32, u.shape, d) * jnp.uint32(stride % 2**32)
     stride *= u.shape[d]
-  weight = (idx * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
-  return jnp.sum(u * weight, dtype=jnp.uint32)
+  # murmur3's fmix32 of (bits xor position hash): a bijection per position, so any change of one
+  # element changes exactly one term (every 1-bit flip is caught), and, being non-linear, a
+  # systematic change (e.g. every value doubled) does not cancel out in the sum.
+  h = u ^ (idx * jnp.uint32(0x9E3779B1))
+  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+  h = h ^ (h >> 16)
+  return jnp.sum(h, dtype=jnp.uint32)
 
 
 @jax.jit
