@@ -49,8 +49,8 @@ EOF
 die() { echo "local_multiprocess.sh: error: $*" >&2; echo "Run with --help for usage." >&2; exit 2; }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if (( BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1) )); then
-  die "needs bash >= 5.1 (wait -n -p), this is $BASH_VERSION"
+if (( BASH_VERSINFO[0] < 4 )); then
+  die "needs bash >= 4, this is $BASH_VERSION"
 fi
 K="${LMP_DEVICES_PER_PROCESS:-}"
 PORT="${LMP_PORT:-}"
@@ -192,29 +192,27 @@ for ((i = 0; i < N; i++)); do
   fi
 done
 
-# Wait for the processes one by one as they end; the first failure stops the rest.
+# Wait for the processes as they end (polling: `wait -n` can return without a pid when several end
+# together, which used to stop the survivors early); the first failure stops the rest.
 status=0
 declare -A RANK_OF
 for ((i = 0; i < N; i++)); do RANK_OF[${PIDS[i]}]=$i; done
 LEFT=("${PIDS[@]}")
-while (( ${#LEFT[@]} > 0 )); do
-  done_pid=""
-  set +e
-  wait -n -p done_pid "${LEFT[@]}"
-  rc=$?
-  set -e
-  [[ -z "$done_pid" ]] && break  # Nothing left to wait for.
+while (( ${#LEFT[@]} > 0 && status == 0 )); do
   NEXT=()
-  for pid in "${LEFT[@]}"; do [[ "$pid" != "$done_pid" ]] && NEXT+=("$pid"); done
+  for pid in "${LEFT[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then NEXT+=("$pid"); continue; fi
+    set +e; wait "$pid"; rc=$?; set -e
+    if (( rc != 0 && status == 0 )); then
+      r=${RANK_OF[$pid]}
+      echo "local_multiprocess: process $r (pid $pid) exited with status $rc; stopping the" \
+           "others. Its log: $LOG_DIR/process_$r.log" >&2
+      if (( r != 0 )); then tail -n 20 "$LOG_DIR/process_$r.log" | sed "s/^/  [process $r] /" >&2 || true; fi
+      status=$rc
+    fi
+  done
   LEFT=("${NEXT[@]+"${NEXT[@]}"}")
-  if (( rc != 0 )); then
-    r=${RANK_OF[$done_pid]}
-    echo "local_multiprocess: process $r (pid $done_pid) exited with status $rc; stopping the" \
-         "others. Its log: $LOG_DIR/process_$r.log" >&2
-    if (( r != 0 )); then tail -n 20 "$LOG_DIR/process_$r.log" | sed "s/^/  [process $r] /" >&2 || true; fi
-    status=$rc
-    break
-  fi
+  (( ${#LEFT[@]} > 0 && status == 0 )) && sleep 0.2
 done
 finish
 if (( status == 0 )); then
