@@ -68,6 +68,16 @@ def get_config() -> ml_collections.ConfigDict:
   x.score_first_token = True  # Score each segment's first token (predicted by the previous one).
   x.ae_mode = 'off'  # Auto-encoding: 'off' | 'extra' (one random segment per window) | 'alternate'.
   x.ae_weight = 0.5  # 'extra': auto-encoding loss weight; 'alternate': fraction of AE steps.
+  # Training-efficient optimisation (ccf_jax/ccf/incremental.py; indices 0-based).
+  x.grad_mode = 'full'  # Encoder gradient: 'full' BPTT | 'truncated' (losses s+1..s+S) | 'reservoir'.
+  x.reservoir_size = 2  # S: reservoir slots (reservoir) or losses per memory (truncated); paper 2.
+  x.reservoir_semantics = 'final'  # 'final': final reservoir, all later losses | 'streaming': UIO.
+  x.compensate = False  # Reservoir: scale sampled gradients by 1/inclusion prob. (unbiased).
+  x.decoder_segment_chunk = 0  # k: decoder segments per scan step (1 serial .. T parallel); 0 = T.
+  x.encoder_remat = 'model'  # Encoder per-layer remat: 'model' (= model.remat_policy) | none | full | dots | dots_no_batch.
+  x.decoder_remat = 'none'  # Remat of each decoder chunk step (of its layers when k = T): none | full | dots | dots_no_batch.
+  x.unrolled = False  # Debug: decoder chunks in a Python loop instead of lax.scan (same results).
+  x.encoder_map_batch = 0  # Segments per lax.map step of the no-residual encoder pass; 0 = all at once.
 
   # ---------------------------------------------------------------- optimisation / loop
   t = c.train = ml_collections.ConfigDict()

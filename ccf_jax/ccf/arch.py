@@ -18,6 +18,10 @@ auto-encoding loss (compress one segment, then reconstruct its first l-1 tokens 
   * 'alternate': each (micro-)step is an auto-encoding step with probability `ae_weight`, chosen
     from the step's key under `lax.cond`: one compiled program, only one branch runs, and the
     auto-encoding branch encodes just the one segment per window it needs.
+The LM term is computed by `incremental.lm_sums`: the memory buffer once, then the decoder streamed
+over chunks of segments (`lax.scan`), with the encoder gradient of `ccf.grad_mode` (full, truncated
+or reservoir-sampled; the reservoir is drawn from the step's key). In the gated modes the
+auto-encoded segment is encoded again with full gradient (the buffer's rows may be gated off).
 With `ccf.ratios` the ratio is sampled per window from the step's key (`masks.spans`); evaluation
 uses l / num_memory unless the batch carries `ratio` int32[B]. A batch may also fix the segment to
 auto-encode (`ae_segment` int32[B]).
@@ -30,7 +34,7 @@ import jax.numpy as jnp
 
 from ccf_jax import arch as arch_lib, config_lib, flops, model as model_lib
 from ccf_jax.arch import token_ce_sums
-from ccf_jax.ccf import masks
+from ccf_jax.ccf import incremental, masks
 from ccf_jax.ccf.model import (Adapter, CCFModel, decode_segments, memory_from_embedding,
                                module_config, separate_encoder)
 
@@ -105,10 +109,11 @@ def ae_sums(cfg, model, tokens, loss_mask, pick, valid, span, memory):
 def ccf_loss(cfg, params, batch, rng):
   """The 'ccf' training objective: compressive LM (+ auto-encoding per `ccf.ae_mode`)."""
   x = cfg.ccf
-  model, decoder = _bind(cfg, params)
+  model, _ = _bind(cfg, params)
   tokens, valid, scored = _windows(cfg, batch)
   b, t, _ = tokens.shape
   k_ratio, k_pick, k_mode = jax.random.split(rng, 3)
+  k_reservoir = jax.random.fold_in(rng, 3)  # Not a 4th split: the keys above stay as they were.
   span = masks.spans(x, b, k_ratio, batch.get('ratio'))
   nvs = batch['num_valid_segments']
   if 'ae_segment' in batch:  # Which segment to auto-encode, given (evaluation, tests).
@@ -119,18 +124,20 @@ def ccf_loss(cfg, params, batch, rng):
   pick_valid = pick < nvs
   zero = jnp.zeros((), jnp.float32)
 
+  def pick_memory():  # The picked segment alone, encoded with full gradient.
+    seg = jnp.take_along_axis(tokens, pick[:, None, None], axis=1)
+    return model.compress(seg, span, pick_valid[:, None], segments=pick[:, None])
+
   def lm_step():
-    logits, mem = _lm_logits(cfg, model, decoder, tokens, valid, span, True)
-    lm = token_ce_sums(logits, tokens.reshape(b, -1), scored)
-    ae = (ae_sums(cfg, model, tokens, batch['loss_mask'], pick, pick_valid, span, mem)
+    lm, mem = incremental.lm_sums(cfg, params, tokens, valid, scored, span, k_reservoir)
+    ae = (ae_sums(cfg, model, tokens, batch['loss_mask'], pick, pick_valid, span,
+                  pick_memory() if mem is None else mem)
           if x.ae_mode == 'extra' else (zero, zero, zero))
     return lm, ae
 
   def ae_step():
-    seg = jnp.take_along_axis(tokens, pick[:, None, None], axis=1)
-    mem = model.compress(seg, span, pick_valid[:, None], segments=pick[:, None])
     return (zero, zero, zero), ae_sums(cfg, model, tokens, batch['loss_mask'], pick, pick_valid,
-                                       span, mem)
+                                       span, pick_memory())
 
   if x.ae_mode == 'alternate':
     is_ae = jax.random.bernoulli(k_mode, x.ae_weight)
@@ -186,18 +193,26 @@ def from_base_params(cfg, base: dict) -> dict:
 # Analytic FLOPs (flops.py conventions: matmuls only, full attention rectangles, train = 3x).
 
 
-def ccf_train_flops(cfg, batch_size: int) -> float:
+def ccf_forward_flops(cfg, batch_size: int) -> dict:
+  """Forward FLOPs of one step by part: 'encoder' (with its q/v LoRA), 'project' (memory K/V with
+  the transfer LoRA), 'decoder', 'ae' (auto-encoding, ae_mode 'extra')."""
   m, x = cfg.model, cfg.ccf
   l, c, t = x.segment_len, x.num_memory, x.num_segments
   n = batch_size * t
-  encoder = flops.forward_flops(m, n * (l + c), l + c, l + c, with_head=False)
   kv = m.num_kv_heads * m.head_dim  # Each LoRA costs 2 * rank * (d + out) per token.
-  lora = 2 * n * m.num_layers * x.lora_rank * (
-      (l + c) * (2 * m.d_model + m.num_heads * m.head_dim + kv) + c * 2 * (m.d_model + kv))
-  project = 2 * n * c * m.num_layers * m.d_model * 2 * m.num_kv_heads * m.head_dim
+  lora = 2 * n * m.num_layers * x.lora_rank
+  encoder = (flops.forward_flops(m, n * (l + c), l + c, l + c, with_head=False)
+             + lora * (l + c) * (2 * m.d_model + m.num_heads * m.head_dim + kv))
+  project = 2 * n * c * m.num_layers * m.d_model * 2 * kv + lora * c * 2 * (m.d_model + kv)
   decoder = flops.forward_flops(m, n * l, l, t * c + l)
   ae = flops.forward_flops(m, batch_size * l, l, t * c + l) if x.ae_mode == 'extra' else 0.0
-  return 3.0 * (encoder + lora + project + decoder + ae)
+  return {'encoder': encoder, 'project': project, 'decoder': decoder, 'ae': ae}
+
+
+def ccf_train_flops(cfg, batch_size: int) -> float:
+  """Model FLOPs of the objective (full back-propagation, no recomputation); what a step executes
+  under grad_mode and remat is incremental.train_flops."""
+  return 3.0 * sum(ccf_forward_flops(cfg, batch_size).values())
 
 
 def segment_local_train_flops(cfg, batch_size: int) -> float:
@@ -224,9 +239,18 @@ def check_config(cfg):
   require(t >= 1, f'ccf.num_segments={t} must be at least 1.')
   for name, options in (('mode', ('pretrain', 'adapter')), ('mask', ('nested', 'plain')),
                         ('memory_positions', ('sequential', 'segment')),
-                        ('ae_mode', ('off', 'extra', 'alternate'))):
+                        ('ae_mode', ('off', 'extra', 'alternate')),
+                        ('grad_mode', incremental.GRAD_MODES),
+                        ('reservoir_semantics', incremental.SEMANTICS),
+                        ('encoder_remat', ('model', *model_lib.REMAT_POLICIES)),
+                        ('decoder_remat', tuple(model_lib.REMAT_POLICIES))):
     require(x[name] in options, f'ccf.{name}={x[name]!r}; choose one of {options}.')
   require(x.lora_rank >= 1, f'ccf.lora_rank={x.lora_rank} must be at least 1.')
+  require(x.reservoir_size >= 1, f'ccf.reservoir_size={x.reservoir_size} must be at least 1.')
+  for name in ('decoder_segment_chunk', 'encoder_map_batch'):
+    require(x[name] >= 0 and (x[name] == 0 or t % x[name] == 0),
+            f'ccf.{name}={x[name]} must divide ccf.num_segments={t}. Fix: a divisor of {t} '
+            f'(1 = one segment at a time) or 0 (all {t} at once).')
   require(x.memory_window >= 0, f'ccf.memory_window={x.memory_window} must be >= 0 (0 = all).')
   require(x.ae_weight >= 0 and (x.ae_mode != 'alternate' or x.ae_weight <= 1),
           f'ccf.ae_weight={x.ae_weight} must be >= 0 (and <= 1 with ae_mode=alternate).')

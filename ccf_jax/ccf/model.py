@@ -17,8 +17,9 @@ The forward pass is split where the paper's training algorithm splits it (CCF_ME
      LoRA. The result, a `Memory`, is what the inference cache keeps too.
   2. `decode_segments`: decode any set of segments given a `Memory`; each query segment sees the
      memory rows of segments lo <= s < hi and its own tokens causally. Decoder segments are
-     independent given the memory, so the training-efficient path (issue 5) can stream chunks of
-     them through `lax.scan` with the memory as a constant.
+     independent given the memory, so the training path (`incremental.py`) streams chunks of
+     them through `lax.scan` with the memory as a constant. `compress` is `latents` (encoder)
+     then `latents_to_memory` (projection): training gates the encoder's gradient between them.
 Raw tokens use the base projections only, so a segment that sees no memory is the base decoder.
 
 Sharding: encoder and decoder run on [B * n, ...] arrays (batch and segments merged), and
@@ -158,9 +159,10 @@ class CCFModel(nnx.Module):
     m = self.adapter.memory[...].astype(DTYPES[self.cfg.dtype])
     return jnp.broadcast_to(m[None], (n, self.ccf.num_memory, m.shape[-1]))
 
-  def encode(self, x: jax.Array, span: jax.Array) -> jax.Array:
+  def encode(self, x: jax.Array, span: jax.Array, remat_policy: str | None = None) -> jax.Array:
     """Segment embeddings x [N, l, d] -> per-layer latents z [layers, N, c, d] (the normed
-    attention input of every layer at the memory positions)."""
+    attention input of every layer at the memory positions). `remat_policy` overrides
+    model.remat_policy for the encoder's layers (ccf.encoder_remat)."""
     n, l, _ = x.shape
     positions, mask = masks.encoder_layout(span, l, self.ccf.num_memory, self.ccf.mask == 'plain')
     scale = lora_scale(self.ccf)
@@ -175,7 +177,7 @@ class CCFModel(nnx.Module):
     inputs = jnp.concatenate([x, self.memory_tokens(n)], axis=1)
     inputs = sharding.constrain(inputs, ('batch', 'length', 'embed'))
     _, hs = self.encoder_layers().run_layers(inputs, positions, mask, xs=weights,
-                                             block_kwargs=lora_kwargs)
+                                             block_kwargs=lora_kwargs, remat_policy=remat_policy)
     return hs[:, :, l:]
 
   def project_memory(self, z: jax.Array, positions: jax.Array):
@@ -195,33 +197,51 @@ class CCFModel(nnx.Module):
 
     return jax.vmap(one_layer)(layer_state, z, weights)
 
+  def latents(self, tokens: jax.Array, span: jax.Array,
+              remat_policy: str | None = None) -> jax.Array:
+    """Segments tokens int32[B, n, l] -> latents z [layers, B, n, c, d]: the first half of
+    `compress`, apart so that training can cut or gate the gradient between the encoder and the
+    memory projection (ccf.grad_mode, see incremental.py)."""
+    b, n, l = tokens.shape
+    with segments_as_batch(n):
+      x = self.decoder.embed_tokens(tokens.reshape(b * n, l))
+      z = self.encode(x, jnp.repeat(span, n), remat_policy)
+    return z.reshape(z.shape[0], b, n, *z.shape[2:])
+
+  def latents_to_memory(self, z: jax.Array, span: jax.Array, valid_segments: jax.Array,
+                        segments: jax.Array | None = None) -> Memory:
+    """Latents z [layers, B, n, c, d] -> their projected `Memory` (the second half of `compress`)."""
+    layers, b, n, c = z.shape[:4]
+    if segments is None:
+      segments = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    with segments_as_batch(n):
+      positions = masks.memory_positions(self.ccf, span, segments).reshape(b * n, c)
+      k, v = self.project_memory(z.reshape(layers, b * n, c, -1), positions)
+    k, v = (a.reshape(a.shape[0], b, n * c, *a.shape[3:]) for a in (k, v))
+    l = self.ccf.segment_len
+    valid = valid_segments[:, :, None] & masks.memory_valid(span, l, c)[:, None, :]
+    return Memory(k, v, jnp.repeat(segments, c, axis=1), valid.reshape(b, n * c))
+
   def compress(self, tokens: jax.Array, span: jax.Array, valid_segments: jax.Array,
                segments: jax.Array | None = None) -> Memory:
     """Encodes segments tokens int32[B, n, l] (indices `segments` [B, n], default 0..n-1; padded
     ones marked False in `valid_segments` [B, n]) into their projected `Memory` (R = n * c rows)."""
-    b, n, l = tokens.shape
-    c = self.ccf.num_memory
-    if segments is None:
-      segments = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    with segments_as_batch(n):
-      x = self.decoder.embed_tokens(tokens.reshape(b * n, l))
-      z = self.encode(x, jnp.repeat(span, n))
-      positions = masks.memory_positions(self.ccf, span, segments).reshape(b * n, c)
-      k, v = self.project_memory(z, positions)
-    k, v = (a.reshape(a.shape[0], b, n * c, *a.shape[3:]) for a in (k, v))
-    valid = valid_segments[:, :, None] & masks.memory_valid(span, l, c)[:, None, :]
-    return Memory(k, v, jnp.repeat(segments, c, axis=1), valid.reshape(b, n * c))
+    return self.latents_to_memory(self.latents(tokens, span), span, valid_segments, segments)
 
 
 def decode_segments(decoder: model_lib.Decoder, ccf_cfg, tokens: jax.Array, span: jax.Array,
                     lo: jax.Array, hi: jax.Array, memory: Memory | None = None,
-                    first_input: jax.Array | None = None) -> jax.Array:
+                    first_input: jax.Array | None = None,
+                    remat_policy: str | None = None) -> jax.Array:
   """Logits float32[B, n, l, vocab] of segments tokens int32[B, n, l] given memory.
 
   Query segment k of window b sees the memory rows of segments lo[b, k] <= s < hi[b, k] (see
   masks.visible_range) and its own tokens causally; its raw positions follow hi (masks doc).
   `memory=None` is the plain decoder on each segment alone (segment_local). `first_input` [d]
-  replaces every segment's first input embedding (the auto-encoding "repeat" vector).
+  replaces every segment's first input embedding (the auto-encoding "repeat" vector). Memory k/v
+  may also come per query segment, [layers, B, n, R, K, D]: the same rows seen through a different
+  gradient gate by each query segment (ccf.grad_mode truncated / streaming reservoir).
+  `remat_policy` overrides model.remat_policy for the decoder's layers.
   """
   b, n, l = tokens.shape
   positions = masks.raw_positions(ccf_cfg, span, hi).reshape(b * n, l)
@@ -230,20 +250,23 @@ def decode_segments(decoder: model_lib.Decoder, ccf_cfg, tokens: jax.Array, span
     if first_input is not None:
       x = x.at[:, 0].set(first_input.astype(x.dtype))
     if memory is None:
-      out, _ = decoder.run_layers(x, positions, model_lib.causal_mask(l))
+      out, _ = decoder.run_layers(x, positions, model_lib.causal_mask(l), remat_policy=remat_policy)
     else:
       mask = masks.decoder_mask(memory.segment, memory.valid, lo, hi, l).reshape(b * n, l, -1)
       kv = tuple(_per_query_segment(a, n) for a in (memory.k, memory.v))
       out, _ = decoder.run_layers(x, positions, mask, xs=kv,
-                                  block_kwargs=lambda prefix: {'kv_prefix': prefix})
+                                  block_kwargs=lambda prefix: {'kv_prefix': prefix},
+                                  remat_policy=remat_policy)
     logits = decoder.logits(out)
   return logits.reshape(b, n, l, -1)
 
 
 def _per_query_segment(a: jax.Array, n: int) -> jax.Array:
-  """[layers, B, R, K, D] -> [layers, B * n, R, K, D]: every query segment gets the memory rows
-  (the block mask decides which it sees)."""
+  """[layers, B, R, K, D] (or already per query segment, [layers, B, n, R, K, D]) ->
+  [layers, B * n, R, K, D]: every query segment gets the memory rows (the block mask decides which
+  it sees)."""
   layers, b = a.shape[:2]
-  rest = a.shape[2:]
-  a = jnp.broadcast_to(a[:, :, None], (layers, b, n, *rest)).reshape(layers, b * n, *rest)
+  if a.ndim == 5:
+    a = jnp.broadcast_to(a[:, :, None], (layers, b, n, *a.shape[2:]))
+  a = a.reshape(layers, b * n, *a.shape[3:])
   return sharding.constrain(a, ('layers', 'batch', 'memory', 'kv_heads', 'head_dim'))

@@ -1,0 +1,149 @@
+"""`python -m ccf_jax.bench memory [--config=experiments/X.py]`: training memory and time of the
+CCF gradient modes against the window length.
+
+For T in T_VALUES segments per window it measures the real jitted train step (`bench.bench_train`:
+value_and_grad + optimizer update, donated state) of every configuration in MODES, each with the
+decoder serial (k=1) and fully parallel (k=T), plus the plain decoder with full attention over the
+same window. One JSON object per configuration:
+  temp_bytes     XLA `memory_analysis()` of the compiled step: its transient buffers (activations
+                 kept for the backward pass, gradients, workspace), i.e. what grows with T;
+  buffer_bytes   analytic size of the memory buffer (latents z and projected K/V of T*c rows per
+                 layer and window, float32): the part that must grow with T;
+  flops          analytic FLOPs the step executes (incremental.train_flops: the reduced encoder
+                 backward and remat recomputation included; XLA's cost_analysis counts a scan body
+                 once, so it is never used for scanned code); model_flops: the objective's (full
+                 back-propagation, no recomputation);
+  step_s         measured seconds per step: the mean of STEPS steps after a warm-up step.
+A last object ('memory_targets') evaluates the issue's targets for `reservoir_final` (S=2) from
+the rows above.
+
+The model is `config` when its arch is 'ccf'; any other config (the default, experiments/tiny.py)
+means `bench_model()`, a tiny CCF model sized so that the whole sweep (44 compilations, which
+dominate) takes about 10 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import ml_collections
+
+T_VALUES = (4, 8, 16, 32)
+STEPS = 3
+# Remat everywhere: encoder layers, each decoder chunk step (or the layers of a single chunk), and
+# the decoder layers inside a chunk step (model.remat_policy), so that the decoder keeps one layer
+# of one chunk alive in the backward pass.
+REMAT = dict(model=dict(remat_policy='full'), ccf=dict(encoder_remat='full', decoder_remat='full'))
+NO_REMAT = dict(model=dict(remat_policy='none'), ccf=dict(encoder_remat='none',
+                                                          decoder_remat='none'))
+MODES = {  # name -> {'model': overrides, 'ccf': overrides}.
+    'full': NO_REMAT,
+    'full_remat': REMAT,
+    'truncated': dict(REMAT, ccf=dict(REMAT['ccf'], grad_mode='truncated', reservoir_size=2)),
+    'reservoir_final': dict(REMAT, ccf=dict(
+        REMAT['ccf'], grad_mode='reservoir', reservoir_semantics='final', reservoir_size=2,
+        compensate=True, encoder_map_batch=4)),
+    'reservoir_streaming': dict(REMAT, ccf=dict(
+        REMAT['ccf'], grad_mode='reservoir', reservoir_semantics='streaming', reservoir_size=2,
+        compensate=True)),
+}
+
+
+def bench_model() -> ml_collections.ConfigDict:
+  """The tiny CCF model of the default sweep: d=64, 2 layers, vocab 512, segments of 64 tokens
+  with 8 memory slots (8x), 2 windows per step, no auto-encoding term (the LM path alone)."""
+  from experiments import tiny_ccf
+  c = tiny_ccf.get_config()
+  c.name = 'bench_memory'
+  m = c.model
+  m.vocab_size, m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 512, 64, 2, 4, 2
+  m.head_dim, m.mlp_dim = 16, 256
+  c.ccf.segment_len, c.ccf.num_memory, c.ccf.lora_rank = 64, 8, 8
+  c.ccf.ae_mode = 'off'
+  c.data.batch_size = 2
+  return c
+
+
+def buffer_bytes(cfg) -> int:
+  """float32 bytes of a step's memory buffer: latents [layers, B, T*c, d] and K/V [layers, B, T*c,
+  kv_heads, head_dim] twice."""
+  m, x = cfg.model, cfg.ccf
+  rows = cfg.data.batch_size * x.num_segments * x.num_memory * m.num_layers
+  return 4 * rows * (m.d_model + 2 * m.num_kv_heads * m.head_dim)
+
+
+def _configured(base, num_segments: int, arch: str, model: dict,
+                ccf: dict) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(base.to_dict())
+  cfg.model.arch = arch
+  cfg.ccf.num_segments = num_segments
+  for section, overrides in (('model', model), ('ccf', ccf)):
+    for k, v in overrides.items():
+      cfg[section][k] = v
+  return cfg
+
+
+def _bench_module():
+  """ccf_jax.bench, also while it runs as __main__ (`python -m ccf_jax.bench memory`): importing it
+  again under its own name would define its absl flags a second time (DuplicateFlagError)."""
+  main = sys.modules.get('__main__')
+  if getattr(getattr(main, '__spec__', None), 'name', None) == 'ccf_jax.bench':
+    return main
+  from ccf_jax import bench
+  return bench
+
+
+def _measure(cfg, mode: str, steps: int) -> dict:
+  from ccf_jax import arch as arch_lib
+  from ccf_jax.ccf import incremental
+  rec = _bench_module().bench_train(cfg, steps)
+  x = cfg.ccf
+  ccf = cfg.model.arch == 'ccf'
+  out = {'bench': 'memory', 'mode': mode, 'T': x.num_segments,
+         'k': (x.decoder_segment_chunk or x.num_segments) if ccf else None,
+         'window_tokens': rec['length'], 'batch': rec['batch'], 'temp_bytes': rec.get('temp_bytes'),
+         'buffer_bytes': buffer_bytes(cfg) if ccf else 0,
+         'flops': incremental.train_flops(cfg, rec['batch']) if ccf else
+                  arch_lib.get_arch(cfg).train_flops(cfg, rec['batch']),
+         'model_flops': arch_lib.get_arch(cfg).train_flops(cfg, rec['batch']),
+         'step_s': rec['step_s'], 'compile_s': rec['compile_s']}
+  logging.info('bench memory: %s', out)
+  return out
+
+
+def targets(rows: list[dict]) -> dict:
+  """The issue's targets for reservoir_final (S=2), per k ('1' and 'T'), from measured rows."""
+  get = lambda mode, t, k: next((r for r in rows if r['mode'] == mode and r['T'] == t
+                                 and r['k'] == (t if k == 'T' else k)), None)
+  out = {'bench': 'memory_targets'}
+  for k in ('1', 'T'):
+    kk = 1 if k == '1' else 'T'
+    lo, hi = get('reservoir_final', min(T_VALUES), kk), get('reservoir_final', max(T_VALUES), kk)
+    if lo and hi:
+      out[f'k={k}: temp T={hi["T"]} / T={lo["T"]} (target <= 1.5)'] = round(
+          hi['temp_bytes'] / lo['temp_bytes'], 3)
+    res, full = get('reservoir_final', 16, kk), get('full', 16, kk)
+    if res and full:
+      out[f'k={k}: temp at T=16 / full without remat (target <= 0.5)'] = round(
+          res['temp_bytes'] / full['temp_bytes'], 3)
+    for t in T_VALUES:
+      res, remat = get('reservoir_final', t, kk), get('full_remat', t, kk)
+      if res and remat:
+        out[f'k={k}: step time at T={t} / full with remat (target <= 0.8)'] = round(
+            res['step_s'] / remat['step_s'], 3)
+  return out
+
+
+def bench_memory(config, t_values=T_VALUES, steps: int = STEPS) -> list[dict]:
+  """One record per (T, mode, k) and one per T for full attention, then the targets."""
+  base = config if config.model.arch == 'ccf' else bench_model()
+  rows = []
+  for t in t_values:
+    for mode, over in MODES.items():
+      for k in sorted({1, t}):
+        cfg = _configured(base, t, 'ccf', over['model'], dict(over['ccf'], decoder_segment_chunk=k))
+        rows.append(_measure(cfg, mode, steps))
+    rows.append(_measure(_configured(base, t, 'full_attention', NO_REMAT['model'], {}),
+                         'full_attention', steps))
+  return rows + [targets(rows)]

@@ -1,0 +1,245 @@
+"""Training-efficient CCF: incremental segment decoding under `lax.scan` and sparse encoder
+gradients (`ccf.grad_mode`), all inside one jitted train step.
+
+This is the JAX form of the paper's incremental TBPTT (CCF_METHOD.md sec. 5-6; WORKSPACE.md, "CCF
+training: incremental TBPTT in JAX"). All indices are 0-based; "loss t" is the loss computed from
+the decoding of segment t, "memory s" the latents z_s the encoder produced from segment s.
+
+1. Memory first. The encoder runs batched over a window's segments (they never see each other) and
+   its latents are projected once into per-layer memory K/V: a fixed-shape buffer of T*c rows per
+   layer, each row tagged with its segment (`Memory`), masked by segment index in the decoder.
+2. Decoder second, streamed. Given the buffer, decoder segments are independent, so they are
+   decoded by a `lax.scan` over chunks of k = `ccf.decoder_segment_chunk` segments (k=1 serial, k=T
+   one parallel step). A chunk's segment axis is the batch axis of the foundation layers and stays
+   sharded like 'segment' (`model.segments_as_batch`). The buffer enters the scan as a closed-over
+   constant, never as carry: a scan saves its carry at every step for the backward pass (O(T^2) for
+   a carried buffer), while a constant is stored once and its cotangent is summed across steps. That
+   sum over all later losses is what the PyTorch code accumulates on detached copies of z_s; the
+   encoder backward then runs once per segment. `ccf.decoder_remat` checkpoints each chunk step (so
+   the decoder keeps one chunk's activations whatever T) or, with a single chunk, its layers.
+3. Gradient modes decide which (loss t, memory s) pairs carry gradient into the encoder. The forward
+   value never changes, only the backward. The gate sits between the encoder and the projection:
+   the projection (the transfer LoRA and, in pretrain mode, the decoder's own k/v weights) belongs to
+   the decoder and learns from every memory row, as in the released code, where only the detached
+   z_s -> encoder link is cut.
+   * full: no gate.
+   * reservoir, final: one gate per segment. The encoder runs on stop-gradient parameters over all
+     segments (no residuals kept; in `lax.map` chunks of `ccf.encoder_map_batch` segments so its
+     transient activations stay bounded) and again, with residuals, over only the S segments of the
+     final reservoir; their zero-valued difference z - sg(z) is scattered into the latents, so the
+     encoder's backward cost and memory scale with S, not T.
+   * truncated, reservoir streaming: one gate per pair. Every row is projected twice: from sg(z) with
+     live weights (the value, and the projection's gradient from every loss) and from z with
+     stop-gradient weights, as a zero-valued difference that carries only the z path. Query segment
+     t adds the latter weighted by gate[t, s] to its own view of the rows. Under static shapes the
+     encoder backward still runs for every segment (zero cotangents where gated off).
+   `ccf.compensate` (reservoir only) weights the sampled gradients by their inverse inclusion
+   probability, `reservoir.compensation_final` = max(1, T/S) per segment or
+   `reservoir.compensation_streaming`[t] = max(1, t/S) per pair (the paper's max(1, (t-1)/S) with
+   1-based t), so that their expectation over keys is the full gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ccf_jax import model as model_lib, reservoir
+from ccf_jax.ccf import masks
+from ccf_jax.ccf.model import CCFModel, Memory, decode_segments, module_config
+
+GRAD_MODES = ('full', 'truncated', 'reservoir')
+SEMANTICS = ('final', 'streaming')
+sg = jax.lax.stop_gradient
+
+
+def _bind(cfg, params) -> CCFModel:
+  return model_lib.bind(module_config(cfg), params, CCFModel)
+
+
+def encoder_policy(ccf_cfg) -> str | None:
+  """ccf.encoder_remat as run_layers' argument: 'model' means model.remat_policy (None)."""
+  return None if ccf_cfg.encoder_remat == 'model' else ccf_cfg.encoder_remat
+
+
+def draw_reservoirs(key, ccf_cfg, num_valid: jax.Array):
+  """(reservoir int32[B, S], membership bool[B, T, T]): Algorithm R per window, window b from
+  fold_in(key, b); padded segments are never offered."""
+  t, size = ccf_cfg.num_segments, ccf_cfg.reservoir_size
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_valid.shape[0]))
+  return jax.vmap(lambda k, n: reservoir.algorithm_r(k, t, size, n))(keys, num_valid)
+
+
+# ------------------------------------------------------------------------------------------------
+# The memory buffer and its gradient gates.
+
+
+class GatedMemory:
+  """The decoder's view of the buffer: `memory` (value, and every gradient path but the gated one)
+  plus, for per-pair gates, `delta` (zero-valued K/V whose gradient reaches only the latents) and
+  `gate` float32[B, T, T] (weight of the pair: loss t, memory s)."""
+
+  def __init__(self, memory: Memory, delta: Memory | None = None, gate: jax.Array | None = None):
+    self.memory, self.delta, self.gate = memory, delta, gate
+
+  def for_queries(self, segments: jax.Array) -> Memory:
+    """The Memory seen by query segments int32[B, k]: shared rows, or (per-pair gates) rows per
+    query segment [layers, B, k, R, K, D] = memory + gate[t, segment of row] * delta."""
+    if self.delta is None:
+      return self.memory
+    rows = jax.vmap(lambda g, s: g[s])(self.gate, segments)  # [B, k, T]
+    w = jax.vmap(lambda g, r: g[:, r])(rows, self.memory.segment)[None, :, :, :, None, None]
+    view = lambda a, d: a[:, :, None] + w.astype(a.dtype) * d[:, :, None]
+    return self.memory._replace(k=view(self.memory.k, self.delta.k),
+                                v=view(self.memory.v, self.delta.v))
+
+
+def latents_without_residuals(ccf_cfg, frozen: CCFModel, tokens, span) -> jax.Array:
+  """Latents [layers, B, T, c, d] of every segment from stop-gradient parameters: autodiff keeps no
+  residuals. With `encoder_map_batch` m < T, a `lax.map` over T/m chunks of m segments keeps only
+  one chunk's activations alive at a time."""
+  b, t, l = tokens.shape
+  m = ccf_cfg.encoder_map_batch or t
+  if m >= t:
+    return sg(frozen.latents(tokens, span))
+  z = jax.lax.map(lambda tok: frozen.latents(tok, span),
+                  tokens.reshape(b, t // m, m, l).swapaxes(0, 1))  # [T/m, layers, B, m, c, d]
+  z = jnp.moveaxis(z, 0, 2)
+  return sg(z.reshape(z.shape[0], b, t, *z.shape[4:]))
+
+
+def add_gradient_path(z, z_live, picked, weight):
+  """z [layers, B, T, c, d] (no gradient) plus, at segments picked int32[B, S] (-1: empty slot),
+  the zero-valued weight[b] * (z_live - sg(z_live)): the value stays z exactly, whatever was
+  sampled, and the rows' gradient reaches the encoder through z_live [layers, B, S, c, d], scaled."""
+  t = z.shape[2]
+  delta = (z_live - sg(z_live)) * weight.astype(z.dtype)[None, :, None, None, None]
+  index = jnp.where(picked >= 0, picked, t)  # Out of range: dropped.
+  add = lambda zb, db, ib: zb.at[:, ib].add(db, mode='drop')
+  return jax.vmap(add, in_axes=(1, 1, 0), out_axes=1)(z, delta, index)
+
+
+def gated_memory(cfg, params, tokens, valid, span, key) -> GatedMemory:
+  """The projected memory of windows tokens int32[B, T, l] (`valid` bool[B, T]) with the encoder
+  gradient of `ccf.grad_mode` (module docstring); `key` draws the reservoirs."""
+  x = cfg.ccf
+  b, t, _ = tokens.shape
+  live = _bind(cfg, params)
+  policy = encoder_policy(x)
+  if x.grad_mode == 'full':
+    return GatedMemory(live.latents_to_memory(live.latents(tokens, span, policy), span, valid))
+  frozen = _bind(cfg, jax.tree.map(sg, params))
+  num_valid = valid.sum(-1).astype(jnp.int32)
+  size = x.reservoir_size
+  if x.grad_mode == 'reservoir':
+    picked, membership = draw_reservoirs(key, x, num_valid)
+    if x.reservoir_semantics == 'final':
+      z = latents_without_residuals(x, frozen, tokens, span)
+      z_live = live.latents(jnp.take_along_axis(tokens, jnp.maximum(picked, 0)[..., None], 1),
+                            span, policy)
+      weight = (reservoir.compensation_final(num_valid, size) if x.compensate
+                else jnp.ones((b,), jnp.float32))
+      z = add_gradient_path(z, z_live, picked, weight)
+      return GatedMemory(live.latents_to_memory(z, span, valid))
+    gate = jax.vmap(reservoir.streaming_mask)(membership).astype(jnp.float32)
+    if x.compensate:
+      gate = gate * reservoir.compensation_streaming(t, size)[None, :, None]
+  else:
+    gate = jnp.broadcast_to(reservoir.truncated_mask(t, size), (b, t, t)).astype(jnp.float32)
+  z = live.latents(tokens, span, policy)
+  z_path = frozen.latents_to_memory(z, span, valid)
+  delta = z_path._replace(k=z_path.k - sg(z_path.k), v=z_path.v - sg(z_path.v))
+  return GatedMemory(live.latents_to_memory(sg(z), span, valid), delta, gate)
+
+
+# ------------------------------------------------------------------------------------------------
+# The decoder, streamed over chunks of segments.
+
+
+def shifted_ce_sums(logits, targets, weights):
+  """(loss_sum, weight_sum, correct) of logits [..., vocab] against targets already shifted by one
+  token. Unlike arch.token_ce_sums the shift happens before chunking: a segment's last position
+  predicts the next segment's first token, which may lie in the next chunk."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return (ce * weights).sum(), weights.sum(), (correct * weights).sum()
+
+
+def decode_window(cfg, decoder, tokens, scored, span, memory: GatedMemory):
+  """(loss_sum, target_count, correct) of decoding windows tokens int32[B, T, l] given the memory,
+  chunk by chunk (`lax.scan`, or a Python loop with `ccf.unrolled`); `scored` float32[B, T*l]."""
+  x = cfg.ccf
+  b, t, l = tokens.shape
+  k = x.decoder_segment_chunk or t
+  n = t // k
+  flat = tokens.reshape(b, t * l)
+  targets = jnp.concatenate([flat[:, 1:], jnp.zeros_like(flat[:, :1])], 1)
+  weights = jnp.concatenate([scored[:, 1:], jnp.zeros_like(scored[:, :1])], 1).astype(jnp.float32)
+  chunked = lambda a: a.reshape(b, n, k, l).swapaxes(0, 1)  # [n, B, k, l]
+  xs = (chunked(tokens), chunked(targets), chunked(weights), jnp.arange(n, dtype=jnp.int32) * k)
+  remat = x.decoder_remat != 'none'
+  layer_policy = x.decoder_remat if remat and n == 1 else None  # None: model.remat_policy.
+
+  def chunk_sums(inp):
+    tok, tgt, w, first = inp
+    segments = jnp.broadcast_to(first + jnp.arange(k, dtype=jnp.int32), (b, k))
+    lo, hi = masks.visible_range(x, segments)
+    logits = decode_segments(decoder, x, tok, span, lo, hi, memory.for_queries(segments),
+                             remat_policy=layer_policy)
+    return shifted_ce_sums(logits, tgt, w)
+
+  if remat and n > 1:
+    chunk_sums = jax.checkpoint(chunk_sums, policy=model_lib.REMAT_POLICIES[x.decoder_remat],
+                                prevent_cse=x.unrolled)  # A scan body needs no CSE barrier.
+  add = lambda acc, new: tuple(a + v for a, v in zip(acc, new))
+  sums = (jnp.zeros((), jnp.float32),) * 3
+  if x.unrolled:
+    for i in range(n):
+      sums = add(sums, chunk_sums(jax.tree.map(lambda a: a[i], xs)))
+    return sums
+  sums, _ = jax.lax.scan(lambda acc, inp: (add(acc, chunk_sums(inp)), None), sums, xs)
+  return sums
+
+
+def lm_sums(cfg, params, tokens, valid, scored, span, key):
+  """The compressive LM term of the 'ccf' objective: ((loss_sum, target_count, correct), memory).
+
+  tokens int32[B, T, l], valid bool[B, T], scored float32[B, T*l] (masks.scored_mask), span int32[B]
+  and `key` for the reservoirs. `memory` is the buffer with every gradient path (grad_mode 'full')
+  for the auto-encoding term to reuse, else None: gated rows must not carry its gradient.
+  """
+  memory = gated_memory(cfg, params, tokens, valid, span, key)
+  sums = decode_window(cfg, _bind(cfg, params).decoder, tokens, scored, span, memory)
+  return sums, memory.memory if cfg.ccf.grad_mode == 'full' else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Analytic FLOPs.
+
+
+def train_flops(cfg, batch_size: int) -> float:
+  """FLOPs one train step executes under ccf.grad_mode and the remat settings (flops.py
+  conventions; a recomputation counts as one more forward, whatever the policy saves). Unlike
+  arch.ccf_train_flops (the objective's model FLOPs) this is what explains step times."""
+  from ccf_jax.ccf import arch as ccf_arch  # arch imports this module.
+  x, m = cfg.ccf, cfg.model
+  f = ccf_arch.ccf_forward_flops(cfg, batch_size)
+  t, size = x.num_segments, min(x.reservoir_size, x.num_segments)
+  enc_policy = m.remat_policy if x.encoder_remat == 'model' else x.encoder_remat
+  enc_train = 3.0 + (enc_policy != 'none')
+  per_pair = x.grad_mode == 'truncated' or (x.grad_mode == 'reservoir'
+                                            and x.reservoir_semantics == 'streaming')
+  if x.grad_mode == 'reservoir' and x.reservoir_semantics == 'final':
+    encoder = f['encoder'] * (1.0 + enc_train * size / t)  # No-residual pass + S live segments.
+  else:
+    encoder = f['encoder'] * enc_train
+  project = f['project'] * (4.0 if per_pair else 3.0)  # Two projections, each one backward path.
+  single = (x.decoder_segment_chunk or t) == t
+  dec_remat = x.decoder_remat != 'none'
+  layer_remat = (dec_remat and single) or (m.remat_policy != 'none' and not (dec_remat and single))
+  decoder = f['decoder'] * (3.0 + (dec_remat and not single) + layer_remat)
+  ae = 3.0 * f['ae']
+  if f['ae'] and x.grad_mode != 'full':  # The auto-encoded segment is encoded again, live.
+    ae += 3.0 * (f['encoder'] + f['project']) / t
+  return encoder + project + decoder + ae

@@ -1,0 +1,352 @@
+"""Incremental segment decoding and the gradient modes (ccf_jax/ccf/incremental.py).
+
+The reference is written here: a differentiable Python loop over loss segments t that re-encodes
+every earlier segment s for every loss (naive BPTT: no scan, no memory buffer, no chunks, no
+scatter, no second projection) and gates the pair (t, s) on the latents, sg(z) + w (z - sg(z)), with
+w re-derived from the documented contract: truncated s+1 <= t <= s+S; the reservoirs drawn by
+`reservoir.algorithm_r` from fold_in(fold_in(step key, 3), window); final: s in the final reservoir,
+weight max(1, num_valid/S); streaming: s in membership row t-1, weight max(1, t/S). The reference's
+model pieces (`latents`, `latents_to_memory`, `decode_segments`) are checked against a fully naive
+model in test_ccf_model.py. Compiled programs are few and shared: compile time dominates here.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ccf_jax import arch as arch_lib, config_lib, model as model_lib, optim, reservoir, sharding
+from ccf_jax import train_step as ts
+from ccf_jax.ccf import arch as ccf_arch, incremental, masks
+from ccf_jax.ccf.model import decode_segments, module_config
+from experiments import tiny_ccf
+
+B, T, L_SEG, C = 2, 4, 8, 2
+NUM_VALID = (T, 3)  # Window 1 has a padded last segment.
+FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+jit = functools.partial(jax.jit, compiler_options=FAST)
+ENCODER_ONLY = (('adapter', 'enc_q'), ('adapter', 'enc_v'), ('adapter', 'memory'))
+
+
+def small_cfg(**ccf):
+  c = tiny_ccf.get_config()
+  m = c.model
+  m.vocab_size, m.d_model, m.num_layers = 61, 32, 2
+  m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 4, 2, 8, 48
+  c.ccf.segment_len, c.ccf.num_segments, c.ccf.num_memory = L_SEG, T, C
+  c.ccf.lora_rank, c.ccf.lora_alpha = 4, 8.0
+  c.ccf.distinct_memory_tokens = False
+  c.ccf.memory_init_token = -1
+  c.ccf.ae_mode = 'off'
+  c.data.batch_size = B
+  for k, v in ccf.items():
+    c.ccf[k] = v
+  return c
+
+
+CFG = small_cfg()
+
+
+@functools.lru_cache(maxsize=None)
+def params():
+  """Fresh params with every leaf perturbed (zero LoRA B would hide the encoder's gradient)."""
+  arch = arch_lib.get_arch(CFG)
+
+  def init(key):
+    p = model_lib.init_params(arch.module_config(CFG), 0, arch.module_cls)
+    leaves, tree = jax.tree.flatten(p)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape, a.dtype)
+                                     for a, k in zip(leaves, keys)])
+  return jit(init)(jax.random.key(0))
+
+
+def make_batch(seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, CFG.model.vocab_size, (B, T * L_SEG)).astype(np.int32)
+  mask = np.ones((B, T * L_SEG), np.float32)
+  mask[0, 3] = 0.0
+  return {'tokens': tokens, 'loss_mask': mask, 'num_valid_segments': np.array(NUM_VALID, np.int32)}
+
+
+BATCH = make_batch()
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference and the gates, re-derived.
+
+
+def naive_term(p, gate, t):
+  """(loss_sum, count) of loss t alone: segment t decoded from the latents of every segment, all
+  encoded again for this loss, rows of segments >= t hidden, pair (t, s) gated by gate[b, t, s].
+  One program serves every t (traced), so the reference compiles once."""
+  model = model_lib.bind(module_config(CFG), p, arch_lib.get_arch(CFG).module_cls)
+  tokens = jnp.asarray(BATCH['tokens'])
+  nvs = jnp.asarray(BATCH['num_valid_segments'])
+  span = jnp.full((B,), L_SEG // C, jnp.int32)
+  valid = jnp.arange(T)[None] < nvs[:, None]
+  z = model.latents(tokens.reshape(B, T, L_SEG), span)  # [layers, B, T, c, d]
+  w = gate[:, t][None, :, :, None, None]
+  z = jax.lax.stop_gradient(z) + w * (z - jax.lax.stop_gradient(z))
+  memory = model.latents_to_memory(z, span, valid)
+  segment = jax.lax.dynamic_slice_in_dim(tokens, t * L_SEG, L_SEG, 1)[:, None]
+  edge = jnp.full((B, 1), t, jnp.int32)
+  logits = decode_segments(model.decoder, CFG.ccf, segment, span, 0 * edge, edge, memory)[:, 0]
+  scored = masks.scored_mask(CFG.ccf, BATCH['loss_mask'], nvs)
+  pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:, :1])], 1)  # Past the last segment.
+  targets = jax.lax.dynamic_slice_in_dim(pad(tokens), t * L_SEG + 1, L_SEG, 1)
+  weights = jax.lax.dynamic_slice_in_dim(pad(scored), t * L_SEG + 1, L_SEG, 1)
+  logp = jax.nn.log_softmax(logits, -1)
+  ce = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  return (ce * weights).sum(), weights.sum()
+
+
+naive_term_value_and_grad = jit(jax.value_and_grad(naive_term, has_aux=True))
+
+
+def reference(gate):
+  """(loss, count, grads) of the naive loop: the sum over loss segments t in Python."""
+  loss, n, grads = 0.0, 0.0, None
+  for t in range(T):
+    (lt, nt), gt = naive_term_value_and_grad(params(), jnp.asarray(gate, jnp.float32), t)
+    loss, n = loss + float(lt), n + float(nt)
+    grads = gt if grads is None else jax.tree.map(jnp.add, grads, gt)
+  return loss, n, grads
+
+
+@functools.lru_cache(maxsize=1)
+def full_reference():
+  return reference(causal())
+
+
+def causal():
+  t, s = np.arange(T)[:, None], np.arange(T)[None]
+  return np.broadcast_to(s < t, (B, T, T)).astype(np.float32)
+
+
+def truncated_gate(size):
+  t, s = np.arange(T)[:, None], np.arange(T)[None]
+  return np.broadcast_to((s + 1 <= t) & (t <= s + size), (B, T, T)).astype(np.float32)
+
+
+def draws(step_key, size):
+  """Per window (final reservoir, membership) as ccf_loss draws them from the step's key."""
+  k = jax.random.fold_in(step_key, 3)
+  out = [reservoir.algorithm_r(jax.random.fold_in(k, b), T, size, NUM_VALID[b]) for b in range(B)]
+  return [(set(np.asarray(r).tolist()) - {-1}, np.asarray(m)) for r, m in out]
+
+
+def reservoir_gate(step_key, semantics, size, compensate):
+  gate = np.zeros((B, T, T), np.float32)
+  for b, (final, membership) in enumerate(draws(step_key, size)):
+    for t in range(1, T):
+      for s in range(t):
+        if semantics == 'final' and s in final:
+          gate[b, t, s] = max(1.0, NUM_VALID[b] / size) if compensate else 1.0
+        if semantics == 'streaming' and membership[t - 1, s]:
+          gate[b, t, s] = max(1.0, t / size) if compensate else 1.0
+  return gate
+
+
+# ------------------------------------------------------------------------------------------------
+# The production path.
+
+
+def objective(cfg):
+  return lambda p, key: ccf_arch.ccf_loss(cfg, p, BATCH, key)[:2]
+
+
+@functools.lru_cache(maxsize=None)
+def value_and_grad_fn(**ccf):
+  return jit(jax.value_and_grad(objective(small_cfg(**ccf)), has_aux=True))
+
+
+def run(key=0, **ccf):
+  (loss, n), grads = value_and_grad_fn(**ccf)(params(), jax.random.key(key))
+  return float(loss), float(n), grads
+
+
+def assert_same(got, want, rtol=2e-4, atol=2e-6):
+  loss, n, grads = got
+  ref_loss, ref_n, ref_grads = want
+  assert n == ref_n
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  flat = dict(jax.tree_util.tree_flatten_with_path(ref_grads)[0])
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    np.testing.assert_allclose(g, flat[path], rtol=rtol, atol=atol, err_msg=str(path))
+
+
+def encoder_grads(grads):
+  return np.concatenate([np.ravel(g) for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+                         if tuple(k.key for k in path[:2]) in ENCODER_ONLY])
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests.
+
+
+CHUNKINGS = {  # Every k, the remat paths and the debug loop.
+    'k1_scan_remat': dict(decoder_segment_chunk=1, decoder_remat='full', encoder_remat='full'),
+    'k2_unrolled_remat': dict(decoder_segment_chunk=2, decoder_remat='full', encoder_remat='full',
+                              unrolled=True),
+    'k4_layer_remat': dict(decoder_segment_chunk=T, decoder_remat='dots'),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def chunked(name):
+  return run(**CHUNKINGS[name])
+
+
+@pytest.mark.parametrize('name', list(CHUNKINGS))
+def test_full_mode_equals_the_naive_loop_for_every_chunking(name):
+  got = chunked(name)
+  assert_same(got, full_reference())
+  assert np.abs(encoder_grads(got[2])).max() > 0  # Not vacuous.
+
+
+def test_unrolled_debug_loop_equals_the_scan():
+  assert_same(chunked('k2_unrolled_remat'), chunked('k1_scan_remat'), rtol=1e-6, atol=1e-6)
+
+
+LARGE_RESERVOIR = {
+    'truncated': dict(grad_mode='truncated'),
+    'final': dict(grad_mode='reservoir', reservoir_semantics='final'),
+    'final_compensated': dict(grad_mode='reservoir', reservoir_semantics='final', compensate=True),
+    'streaming': dict(grad_mode='reservoir', reservoir_semantics='streaming'),
+    'streaming_compensated': dict(grad_mode='reservoir', reservoir_semantics='streaming',
+                                  compensate=True),
+}
+
+
+@pytest.mark.parametrize('name', list(LARGE_RESERVOIR))
+def test_modes_with_s_at_least_t_equal_full(name):
+  assert_same(run(reservoir_size=T, **LARGE_RESERVOIR[name]), full_reference())
+
+
+# Sampled reservoirs: one compiled program per (semantics, compensate), called with N_KEYS step keys.
+# Streaming uses S=1: with S=2 < T=4 only loss 3's pairs would be random.
+N_KEYS = 128
+LEVELS = (8, 32, 128)
+SAMPLED = {
+    'final': dict(grad_mode='reservoir', reservoir_semantics='final', reservoir_size=2,
+                  decoder_segment_chunk=2, encoder_map_batch=2),
+    'streaming': dict(grad_mode='reservoir', reservoir_semantics='streaming', reservoir_size=1,
+                      decoder_segment_chunk=2),
+}
+
+
+KEYS = jax.random.split(jax.random.key(11), N_KEYS)
+
+
+@functools.lru_cache(maxsize=None)
+def key_runs(semantics, compensate):
+  """[(loss, count, grads)] for every step key in KEYS, from one compiled program."""
+  fn = value_and_grad_fn(compensate=compensate, **SAMPLED[semantics])
+  out = [fn(params(), k) for k in KEYS]
+  assert fn._cache_size() == 1  # The key is traced: the program compiles once across keys.
+  return [(float(loss), float(n), grads) for (loss, n), grads in out]
+
+
+def encoder_grads_per_key(semantics, compensate):
+  return np.stack([encoder_grads(g) for _, _, g in key_runs(semantics, compensate)])
+
+
+@pytest.mark.parametrize('semantics', list(SAMPLED))
+def test_sampled_reservoir_gradients_equal_the_naive_loop(semantics):
+  size = SAMPLED[semantics]['reservoir_size']
+  runs = key_runs(semantics, True)
+  for i in (0, 1, 2):
+    assert_same(runs[i], reference(reservoir_gate(KEYS[i], semantics, size, True)))
+
+
+def relative_errors(per_key, full):
+  """Relative error of the mean of n keys' gradients, root-mean-square over the N/n disjoint
+  groups of n keys, for each n in LEVELS."""
+  out = []
+  for n in LEVELS:
+    means = per_key.reshape(N_KEYS // n, n, -1).mean(1)
+    out.append(float(np.sqrt((((means - full) ** 2).sum(1)).mean()) / np.linalg.norm(full)))
+  return out
+
+
+@pytest.mark.parametrize('semantics', list(SAMPLED))
+def test_compensated_reservoir_gradients_are_unbiased(semantics):
+  full = encoder_grads(full_reference()[2])
+  report = {}
+  for compensate in (True, False):
+    per_key = encoder_grads_per_key(semantics, compensate)
+    errors = relative_errors(per_key, full)
+    mean = per_key.mean(0)
+    report[compensate] = (errors, float(mean @ full / (full @ full)))
+    print(f'{semantics} compensate={compensate}: relative error of the mean gradient over '
+          f'{LEVELS} keys = {np.round(errors, 4).tolist()}, projection on full = '
+          f'{report[compensate][1]:.3f}')
+  errors, projection = report[True]
+  assert errors[-1] < 0.05 and abs(projection - 1) < 0.03
+  assert errors[0] / errors[-1] > 2.0  # ~4 = sqrt(128 / 8) expected.
+  biased_errors, _ = report[False]
+  assert biased_errors[-1] > max(0.02, 5 * errors[-1])  # Bias, not noise.
+
+
+def test_train_step_draws_from_the_step_key_and_compiles_once():
+  cfg = small_cfg(grad_mode='reservoir', reservoir_semantics='streaming', compensate=True,
+                  ae_mode='extra')
+  tx = optim.make_optimizer(cfg.train)
+  initial = params()
+  state = jit(ts.init_state_fn(cfg, tx, lambda: initial))()
+  traces = []
+
+  def counted(state, batch):
+    traces.append(1)
+    return ts.make_train_step(cfg, tx)(state, batch)
+
+  step = jit(counted)
+  for _ in range(3):
+    state, metrics = step(state, BATCH)
+    assert bool(metrics['finite'])
+  assert len(traces) == 1 and step._cache_size() == 1
+
+
+def test_truncated_mode_with_sharded_chunks_equals_the_naive_loop():
+  """Truncated gradient (S=1), k=2 chunks with their segment axis on fsdp (mesh 2x2x1: windows on
+  data, segments on fsdp)."""
+  cfg = small_cfg(grad_mode='truncated', reservoir_size=1, decoder_segment_chunk=2)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.num_devices = 2, 2, 1, 4
+  cfg.mesh.rules = tuple(dict(cfg.mesh.rules, batch=('data',), segment=('fsdp',)).items())
+  config_lib.validate(cfg, jax.device_count())
+  arch = arch_lib.get_arch(cfg)
+  mesh = sharding.make_mesh(cfg.mesh)
+  with sharding.use_mesh(mesh, cfg.mesh.rules):
+    specs = model_lib.logical_specs(arch.module_config(cfg), arch.module_cls)
+    p_sh = sharding.tree_shardings(specs, mesh, cfg.mesh.rules)
+    b_sh = ts.batch_shardings(cfg, mesh, BATCH)
+    fn = jax.jit(jax.value_and_grad(lambda p, b, k: arch.loss(cfg, p, b, k)[:2], has_aux=True),
+                 in_shardings=(p_sh, b_sh, None), compiler_options=FAST)
+    (loss, n), grads = fn(jax.device_put(params(), p_sh), jax.device_put(BATCH, b_sh),
+                          jax.random.key(5))
+  got = (float(loss), float(n), jax.device_get(grads))
+  assert_same(got, reference(truncated_gate(1)))
+  diff = np.abs(encoder_grads(got[2]) - encoder_grads(full_reference()[2])).max()
+  assert diff > 1e-4  # Pairs with t > s + 1 really were cut.
+
+
+@pytest.mark.parametrize('field,value', [('decoder_segment_chunk', 3), ('encoder_map_batch', 3),
+                                         ('grad_mode', 'sparse'), ('decoder_remat', 'all')])
+def test_config_checks(field, value):
+  cfg = small_cfg(**{field: value})
+  with pytest.raises(config_lib.ConfigError, match=field):
+    config_lib.validate(cfg, 1)
+
+
+def test_analytic_flops_follow_the_mode():
+  full = incremental.train_flops(small_cfg(), B)
+  assert full == pytest.approx(ccf_arch.ccf_train_flops(small_cfg(), B))
+  f = ccf_arch.ccf_forward_flops(small_cfg(), B)
+  final = incremental.train_flops(small_cfg(grad_mode='reservoir', reservoir_size=1), B)
+  assert final == pytest.approx(full - f['encoder'] * (3 - 1 - 3 / T))
+  remat = incremental.train_flops(small_cfg(decoder_remat='full', encoder_remat='full',
+                                            decoder_segment_chunk=1), B)
+  assert remat == pytest.approx(full + f['encoder'] + f['decoder'])
