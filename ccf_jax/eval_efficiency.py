@@ -18,9 +18,10 @@ Per (arch, context n), on this machine, batch 1:
   * peak RSS of each measurement: the kernel's high-water mark, reset before it
     (`/proc/self/clear_refs`), so each number is that measurement's own peak.
 Rotary positions are extended (`model.max_position`) where n exceeds the model's range: these
-are timings only, with no claim on quality at that length. A context is n/a, with the reason,
-when an estimate of its largest buffers exceeds a third of the memory available here (XLA's
-temporaries and the inference cache come on top), or when the
+are timings only, with no claim on quality at that length. A measurement is n/a, with the reason,
+when an estimate of its largest buffers (`estimate_bytes`: inference and the training step
+separately, so inference is still measured where training no longer fits) exceeds a third of the
+memory available here (XLA's other temporaries come on top), or when the
 arch's previous context already took longer than `max_seconds` (the next one costs at least as
 much). The headline is the ratio CCF / full attention at each n (`ratios`).
 """
@@ -82,16 +83,30 @@ def variant(config, arch: str, context: int):
   return cfg
 
 
-def estimate_bytes(cfg, context: int) -> int:
-  """Largest buffers of a training step at this context (attention scores kept for the backward
-  pass, float32): what decides whether a context fits here."""
+def estimate_bytes(cfg, context: int, training: bool = True) -> int:
+  """Largest buffers at this context, float32: for a training step the attention scores kept for
+  the backward pass; for inference the KV cache plus the scores of one prefill chunk (1,024
+  queries, full attention) or one segment (CCF). What decides whether a context fits here."""
   m, x = cfg.model, cfg.ccf
-  per = 3 * m.num_layers * m.num_heads * 4  # Scores + probabilities + cotangent, every layer.
+  l, heads = x.segment_len, m.num_heads
+  t = max(1, context // l)
+  keys = (t * x.num_memory if cfg.model.arch == 'ccf' else 0) + l  # What a CCF segment attends to.
+  if not training:
+    row = m.num_layers * 2 * m.num_kv_heads * m.head_dim * 4
+    if cfg.model.arch == 'full_attention':
+      return int(context * row + 2 * heads * min(context, 1024) * context * 4)
+    return int(keys * row + 2 * heads * l * keys * 4 + t * (l + x.num_memory) * m.d_model * 4)
+  per = 3 * m.num_layers * heads * 4  # Scores + probabilities + cotangent, every layer.
   if cfg.model.arch == 'full_attention':
     return int(per * context * context)
-  t = max(1, context // x.segment_len)
-  keys = (t * x.num_memory if cfg.model.arch == 'ccf' else 0) + x.segment_len
-  return int(per * t * x.segment_len * keys)
+  return int(per * t * l * keys)
+
+
+def _too_big(need: int, have: int, what: str) -> str:
+  if need <= have / 3:
+    return ''
+  return (f'{what} needs ~{need / 1e9:.1f} GB (estimate) > a third of the {have / 1e9:.1f} GB '
+          'available here')
 
 
 def engine_xla_bytes(engine) -> dict:
@@ -167,8 +182,9 @@ def time_decode(engine, state, steps: int, warmup: int = 2, repeats: int = 3) ->
 
 
 def measure(config, arch: str, context: int, params, ratio=None, decode_steps: int = 16,
-            train_steps: int = 2) -> dict:
-  """One record: prefill, decode, cache bytes, training step and memory at one context."""
+            train_steps: int = 2, train_na: str = '') -> dict:
+  """One record: prefill, decode, cache bytes, training step and memory at one context (the
+  training step skipped, with `train_na` as the reason, when that is set)."""
   from ccf_jax import eval_common as ec, inference
   bench = _bench()
   cfg = variant(config, arch, context)
@@ -193,8 +209,8 @@ def measure(config, arch: str, context: int, params, ratio=None, decode_steps: i
   rec.update(cache_bytes=cache['used_bytes'], cache_allocated_bytes=cache['allocated_bytes'],
              compiles=dict(engine.compile_counts), **engine_xla_bytes(engine))
   del state, engine
-  if train_steps <= 0:
-    rec['train'] = 'not measured (train_steps=0)'
+  if train_steps <= 0 or train_na:
+    rec['train_na'] = train_na or 'not measured (train_steps=0)'
     return rec
   _reset_peak_rss()
   tr = bench.bench_train(cfg, train_steps)
@@ -250,17 +266,16 @@ def bench_efficiency(config, params=None, lengths=None, archs=None, ratios=None,
     for ratio in (ratios if arch == 'ccf' else (None,)):
       slow = ''
       for n in lengths:
-        need, have = estimate_bytes(variant(config, arch, n), n), ec.available_bytes()
+        cfg, have = variant(config, arch, n), ec.available_bytes()
         base = {'bench': 'efficiency', 'arch': arch, 'ratio': ratio, 'context': int(n)}
-        if slow:
-          rec = dict(base, na=slow)
-        elif need > have / 3:
-          rec = dict(base, na=f'needs ~{need / 1e9:.1f} GB of attention buffers in training '
-                     f'(estimate) > a third of the {have / 1e9:.1f} GB available here')
+        too_big = _too_big(estimate_bytes(cfg, n, training=False), have, 'inference')
+        if slow or too_big:
+          rec = dict(base, na=slow or too_big)
         else:
+          train_na = _too_big(estimate_bytes(cfg, n), have, 'the training step (attention buffers)')
           t = time.time()
           try:
-            rec = measure(config, arch, n, p, ratio, decode_steps, train_steps)
+            rec = measure(config, arch, n, p, ratio, decode_steps, train_steps, train_na)
           except (MemoryError, RuntimeError, ImportError) as e:  # XLA OOM is a RuntimeError.
             rec = dict(base, na=f'failed here: {type(e).__name__}: {str(e)[:160]}')
           rec['wall_s'] = round(time.time() - t, 2)

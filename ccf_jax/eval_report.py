@@ -154,11 +154,12 @@ def _eff_md(r: dict) -> list:
       continue
     rss = ' / '.join(_fmt(rec.get(k)) for k in ('prefill_peak_rss_gb', 'decode_peak_rss_gb',
                                                  'train_peak_rss_gb'))
+    train = (notes.ref(rec['train_na']) if rec.get('train_na')
+             else _fmt(rec.get('train_tokens_per_s'), 0))
     out.append(f"| {name} | {rec['context']}{DAGGER if rec.get('positions_extended') else ''} | "
                f"{_fmt(rec['prefill_tokens_per_s'], 0)} | {_fmt(rec['decode_tokens_per_s'], 0)} | "
                f"{_fmt(rec['decode_ms_per_token'])} | {_bytes(rec['cache_bytes'])} | "
-               f"{_bytes(rec.get('xla_temp_bytes_max'))} | "
-               f"{_fmt(rec.get('train_tokens_per_s'), 0)} | "
+               f"{_bytes(rec.get('xla_temp_bytes_max'))} | {train} | "
                f"{_bytes(rec.get('train_temp_bytes'))} | "
                f'{rss} |')
   out += ['', f'{DAGGER} rotary positions extended for timing only.', ''] + notes.lines()

@@ -74,8 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   x.reservoir_semantics = 'final'  # 'final': final reservoir, all later losses | 'streaming': UIO.
   x.compensate = False  # Reservoir: scale sampled gradients by 1/inclusion prob. (unbiased).
   x.decoder_segment_chunk = 0  # k: decoder segments per scan step (1 serial .. T parallel); 0 = T.
-  x.encoder_remat = 'model'  # Encoder per-layer remat: 'model' (= model.remat_policy) | none | full | dots | dots_no_batch.
-  x.decoder_remat = 'none'  # Remat of each decoder chunk step (of its layers when k = T): none | full | dots | dots_no_batch.
+  x.encoder_remat = 'model'  # Encoder layers' remat policy; 'model' = model.remat_policy.
+  x.decoder_remat = 'none'  # Remat policy of each decoder chunk step (of its layers when k = T).
   x.unrolled = False  # Debug: decoder chunks in a Python loop instead of lax.scan (same results).
   x.encoder_map_batch = 0  # Segments per lax.map step of the no-residual encoder pass; 0 = all at once.
 

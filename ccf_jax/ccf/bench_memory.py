@@ -30,7 +30,7 @@ import sys
 import ml_collections
 
 T_VALUES = (4, 8, 16, 32)
-STEPS = 3
+STEPS = 5
 # Remat everywhere: encoder layers, each decoder chunk step (or the layers of a single chunk), and
 # the decoder layers inside a chunk step (model.remat_policy), so that the decoder keeps one layer
 # of one chunk alive in the backward pass.
