@@ -20,9 +20,14 @@ from ml_collections import config_flags
 
 from ccf_jax import config_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/tiny.py', 'Experiment config.',
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after one compile/warm-up step).')
+_FLAGS = {}  # Defined only when run as a script: library users (evaluation, tests) import this
+# module next to other entry points that define --config too.
+
+
+def _define_flags():
+  _FLAGS['config'] = config_flags.DEFINE_config_file(
+      'config', 'experiments/tiny.py', 'Experiment config.', lock_config=True)
+  _FLAGS['steps'] = flags.DEFINE_integer('steps', 20, 'Timed steps (after one compile/warm-up step).')
 
 # name -> 'module:function'; each function takes (config) and returns a dict (or list of dicts).
 SUBCOMMANDS = {
@@ -50,7 +55,7 @@ def bench_train(config, steps: int | None = None) -> dict:
   import numpy as np
 
   from ccf_jax import arch as arch_lib, config_lib, optim, sharding, train_step as ts, trainer
-  steps = steps or _STEPS.value
+  steps = steps or (_FLAGS['steps'].value if 'steps' in _FLAGS else 20)
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
   arch = arch_lib.get_arch(config)
@@ -103,7 +108,7 @@ def main(argv):
       func = getattr(importlib.import_module(mod), fn)
     except ModuleNotFoundError as e:
       raise app.UsageError(f'bench {argv[1]} is not available yet ({e})') from None
-  out = func(_CONFIG.value)
+  out = func(_FLAGS['config'].value)
   for rec in out if isinstance(out, list) else [out]:
     print(json.dumps(rec), flush=True)
 
@@ -120,5 +125,6 @@ def _import_subcommand_flags(argv):
 
 if __name__ == '__main__':
   import sys
+  _define_flags()
   _import_subcommand_flags(sys.argv)
   app.run(main, flags_parser=config_lib.parse_flags)
