@@ -3,11 +3,12 @@
 The reference is written here: a differentiable Python loop over loss segments t that encodes the
 window again for every loss (naive BPTT recomputation: no scan over segments, no shared memory
 buffer, no chunks, no scatter, no second projection) and gates the pair (t, s) on the latents,
-sg(z) + w (z - sg(z)), with w re-derived from the documented contract: truncated s+1 <= t <= s+S; the reservoirs drawn by
-`reservoir.algorithm_r` from fold_in(fold_in(step key, 3), window); final: s in the final reservoir,
-weight max(1, num_valid/S); streaming: s in membership row t-1, weight max(1, t/S). The reference's
-model pieces (`latents`, `latents_to_memory`, `decode_segments`) are checked against a fully naive
-model in test_ccf_model.py. Compiled programs are few and shared: compile time dominates here.
+sg(z) + w (z - sg(z)), with w re-derived from the documented contract: truncated s+1 <= t <= s+S;
+the reservoirs drawn by `reservoir.algorithm_r` from fold_in(fold_in(step key, 3), window); final:
+s in the final reservoir, weight max(1, num_valid/S); streaming: s in membership row t-1, weight
+max(1, t/S). The reference's model pieces (`latents`, `latents_to_memory`, `decode_segments`) are
+checked against a fully naive model in test_ccf_model.py. Compiled programs are few and shared:
+compile time dominates here.
 """
 
 import functools
@@ -232,7 +233,8 @@ def test_modes_with_s_at_least_t_equal_full(name):
   assert_same(run(reservoir_size=T, **LARGE_RESERVOIR[name]), full_reference())
 
 
-# Sampled reservoirs: one compiled program per (semantics, compensate), called with N_KEYS step keys.
+# Sampled reservoirs: one compiled program per (semantics, compensate), called with N_KEYS step
+# keys.
 # Streaming uses S=1: with S=2 < T=4 only loss 3's pairs would be random.
 N_KEYS = 256
 LEVELS = (16, 64, 256)

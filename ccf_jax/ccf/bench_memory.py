@@ -25,7 +25,6 @@ dominate) takes about 10 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import logging
-import sys
 
 import ml_collections
 
@@ -84,20 +83,10 @@ def _configured(base, num_segments: int, arch: str, model: dict,
   return cfg
 
 
-def _bench_module():
-  """ccf_jax.bench, also while it runs as __main__ (`python -m ccf_jax.bench memory`): importing it
-  again under its own name would define its absl flags a second time (DuplicateFlagError)."""
-  main = sys.modules.get('__main__')
-  if getattr(getattr(main, '__spec__', None), 'name', None) == 'ccf_jax.bench':
-    return main
-  from ccf_jax import bench
-  return bench
-
-
 def _measure(cfg, mode: str, steps: int) -> dict:
-  from ccf_jax import arch as arch_lib
+  from ccf_jax import arch as arch_lib, bench
   from ccf_jax.ccf import incremental
-  rec = _bench_module().bench_train(cfg, steps)
+  rec = bench.bench_train(cfg, steps)
   x = cfg.ccf
   ccf = cfg.model.arch == 'ccf'
   out = {'bench': 'memory', 'mode': mode, 'T': x.num_segments,

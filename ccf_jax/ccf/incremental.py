@@ -19,17 +19,17 @@ the decoding of segment t, "memory s" the latents z_s the encoder produced from 
    the decoder keeps one chunk's activations whatever T) or, with a single chunk, its layers.
 3. Gradient modes decide which (loss t, memory s) pairs carry gradient into the encoder. The forward
    value never changes, only the backward. The gate sits between the encoder and the projection:
-   the projection (the transfer LoRA and, in pretrain mode, the decoder's own k/v weights) belongs to
-   the decoder and learns from every memory row, as in the released code, where only the detached
-   z_s -> encoder link is cut.
+   the projection (the transfer LoRA and, in pretrain mode, the decoder's own k/v weights) belongs
+   to the decoder and learns from every memory row, as in the released code, where only the
+   detached z_s -> encoder link is cut.
    * full: no gate.
    * reservoir, final: one gate per segment. The encoder runs on stop-gradient parameters over all
      segments (no residuals kept; in `lax.map` chunks of `ccf.encoder_map_batch` segments so its
      transient activations stay bounded) and again, with residuals, over only the S segments of the
      final reservoir; their zero-valued difference z - sg(z) is scattered into the latents, so the
      encoder's backward cost and memory scale with S, not T.
-   * truncated, reservoir streaming: one gate per pair. Every row is projected twice: from sg(z) with
-     live weights (the value, and the projection's gradient from every loss) and from z with
+   * truncated, reservoir streaming: one gate per pair. Every row is projected twice: from sg(z)
+     with live weights (the value, and the projection's gradient from every loss) and from z with
      stop-gradient weights, as a zero-valued difference that carries only the z path. Query segment
      t adds the latter weighted by gate[t, s] to its own view of the rows. Under static shapes the
      encoder backward still runs for every segment (zero cotangents where gated off).
@@ -112,7 +112,8 @@ def latents_without_residuals(ccf_cfg, frozen: CCFModel, tokens, span) -> jax.Ar
 def add_gradient_path(z, z_live, picked, weight):
   """z [layers, B, T, c, d] (no gradient) plus, at segments picked int32[B, S] (-1: empty slot),
   the zero-valued weight[b] * (z_live - sg(z_live)): the value stays z exactly, whatever was
-  sampled, and the rows' gradient reaches the encoder through z_live [layers, B, S, c, d], scaled."""
+  sampled, and the rows' gradient reaches the encoder through z_live [layers, B, S, c, d],
+  scaled."""
   t = z.shape[2]
   delta = (z_live - sg(z_live)) * weight.astype(z.dtype)[None, :, None, None, None]
   index = jnp.where(picked >= 0, picked, t)  # Out of range: dropped.

@@ -210,7 +210,7 @@ class CCFModel(nnx.Module):
 
   def latents_to_memory(self, z: jax.Array, span: jax.Array, valid_segments: jax.Array,
                         segments: jax.Array | None = None) -> Memory:
-    """Latents z [layers, B, n, c, d] -> their projected `Memory` (the second half of `compress`)."""
+    """Latents z [layers, B, n, c, d] -> their projected `Memory` (second half of `compress`)."""
     layers, b, n, c = z.shape[:4]
     if segments is None:
       segments = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
