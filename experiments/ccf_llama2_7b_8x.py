@@ -75,17 +75,6 @@ def get_config():
   s = c.mesh
   s.data, s.fsdp, s.tensor = 8, 32, 1
   s.distributed = True
-  s.rules = (
-      ('batch', ('data',)),  # Documents over data ...
-      ('segment', ('fsdp',)),  # ... and each document's segments over fsdp.
-      ('length', None),
-      ('memory', None),
-      ('embed', ('fsdp',)),
-      ('heads', ('tensor',)),
-      ('kv_heads', ('tensor',)),
-      ('head_dim', None),
-      ('mlp', ('tensor',)),
-      ('vocab', ('tensor',)),
-      ('layers', None),
-  )
+  # base.py's rule table with documents over data and each document's segments over fsdp.
+  s.rules = tuple(dict(s.rules, batch=('data',), segment=('fsdp',)).items())
   return c

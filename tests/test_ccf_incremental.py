@@ -22,29 +22,16 @@ from ccf_jax import arch as arch_lib, config_lib, model as model_lib, optim, res
 from ccf_jax import train_step as ts
 from ccf_jax.ccf import arch as ccf_arch, incremental, masks
 from ccf_jax.ccf.model import decode_segments, module_config
-from experiments import tiny_ccf
+from tests import ccf_testing
+from tests.ccf_testing import B, C, FAST, L_SEG, jit
 
-B, T, L_SEG, C = 2, 4, 8, 2
+T = 4
 NUM_VALID = (T, 3)  # Window 1 has a padded last segment.
-FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
-jit = functools.partial(jax.jit, compiler_options=FAST)
 ENCODER_ONLY = (('adapter', 'enc_q'), ('adapter', 'enc_v'), ('adapter', 'memory'))
 
 
 def small_cfg(**ccf):
-  c = tiny_ccf.get_config()
-  m = c.model
-  m.vocab_size, m.d_model, m.num_layers = 61, 32, 2
-  m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 4, 2, 8, 48
-  c.ccf.segment_len, c.ccf.num_segments, c.ccf.num_memory = L_SEG, T, C
-  c.ccf.lora_rank, c.ccf.lora_alpha = 4, 8.0
-  c.ccf.distinct_memory_tokens = False
-  c.ccf.memory_init_token = -1
-  c.ccf.ae_mode = 'off'
-  c.data.batch_size = B
-  for k, v in ccf.items():
-    c.ccf[k] = v
-  return c
+  return ccf_testing.small_cfg(T, **ccf)
 
 
 CFG = small_cfg()
