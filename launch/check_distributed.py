@@ -80,7 +80,10 @@ def main(argv):
                 cuda_visible_devices=jax.config.values.get('jax_cuda_visible_devices'), psum=psum_val,
                 ok_psum=ok_psum, ok_rows_matmul=ok_rows, ok_contraction_matmul=ok_contr,
                 seconds=round(time.time() - t0, 2))
-  print('CHECK_DISTRIBUTED ' + json.dumps(result), flush=True)
+  # One write call: print() writes the text and the newline separately, and on an unbuffered
+  # stream gloo's own C++ logging (same file in the launcher's log) can land between the two.
+  sys.stdout.write('CHECK_DISTRIBUTED ' + json.dumps(result) + '\n')
+  sys.stdout.flush()
   return 0 if (ok_psum and ok_rows and ok_contr) else 1
 
 

@@ -54,7 +54,10 @@ def _free_port() -> int:
 
 
 def _checks(text: str) -> list:
-  return [json.loads(line.split(' ', 1)[1]) for line in text.splitlines()
+  # raw_decode: parse the JSON object and ignore anything another writer (gloo's C++ logging
+  # shares the log file) may have appended to the same line.
+  decoder = json.JSONDecoder()
+  return [decoder.raw_decode(line.split(' ', 1)[1])[0] for line in text.splitlines()
           if line.startswith('CHECK_DISTRIBUTED ')]
 
 
