@@ -6,7 +6,7 @@ Subcommands:
   train   tokens/s, step time, model GFLOP/s and memory (XLA memory analysis + peak RSS) of the
           jitted train step of an experiment, on synthetic tokens of the configured shape.
   data    the input pipeline's tokens/s next to the train step's (the pipeline must not bottleneck).
-Others (memory, signal, decode, efficiency) are registered by their modules as they land.
+Others (memory, signal, passkey, decode, efficiency) are registered by their modules as they land.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     'data': 'bench_data_vs_train',
     'memory': 'ccf_jax.ccf.bench_memory:bench_memory',
     'signal': 'ccf_jax.ccf.bench_signal:bench_signal',
+    'passkey': 'ccf_jax.ccf.bench_signal:bench_passkey',
     'decode': 'ccf_jax.generate_bench:bench_decode',
     'efficiency': 'ccf_jax.eval_efficiency:bench_efficiency',
 }

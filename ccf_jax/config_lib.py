@@ -75,6 +75,12 @@ def validate(cfg, num_devices: int | None = None) -> ml_collections.ConfigDict:
   _require(m.remat_policy in REMAT_POLICIES,
            f'model.remat_policy={m.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}.')
   _require(d.mode in ('packed', 'windows'), f"data.mode={d.mode!r}; choose 'packed' or 'windows'.")
+  _require(d.task in ('', 'passkey'), f"data.task={d.task!r}; choose '' (corpus text) or 'passkey'.")
+  _require(d.task != 'passkey' or (d.mode == 'windows' and 2 <= (d.passkey_min_segments or
+                                                                  x.num_segments) <= x.num_segments),
+           "data.task='passkey' needs data.mode='windows' and data.passkey_min_segments in "
+           f'[2, ccf.num_segments={x.num_segments}] (or 0 = T): the key sits in segment 0 and the '
+           'question in the last. Fix: --config.data.mode=windows.')
   _require(x.num_memory > 0 and x.segment_len % x.num_memory == 0,
            f'ccf.segment_len={x.segment_len} is not divisible by ccf.num_memory={x.num_memory}. '
            f'Fix: pick c dividing l (ratio r = l/c), e.g. --config.ccf.num_memory='

@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.shuffle_seed = 0  # Seed of the data order (independent of the model seed).
   d.num_workers = 0  # grain worker processes (0 = in-process).
   d.prefetch = 2  # Batches prefetched ahead of the train step.
+  d.task = ''  # '' = the corpus text | 'passkey': synthetic key-in-segment-0 windows (tasks/passkey.py).
+  d.passkey_min_segments = 0  # Passkey curriculum: windows start this many segments long (0 = T) ...
+  d.passkey_curriculum_steps = 0  # ... and reach T segments after this many steps (0 = always T).
 
   # ---------------------------------------------------------------- ccf (used when model.arch != 'decoder')
   x = c.ccf = ml_collections.ConfigDict()

@@ -25,6 +25,7 @@ def counts(cfg):
 @pytest.mark.parametrize('name,trainable,frozen', [
     ('tiny_ccf', 1_340_672, 0),
     ('tiny_ccf_32x', 1_339_136, 0),
+    ('tiny_ccf_passkey', 1_339_648, 0),  # c=8 distinct memory vectors instead of 16.
     ('tiny_ccf_adapter', 28_800, 1_311_872),  # The frozen base is exactly experiments/tiny.py.
 ])
 def test_tiny_configs(name, trainable, frozen):
@@ -73,6 +74,8 @@ def test_7b_configs_build_abstractly_on_256_devices(name):
     ({'ccf.mode': 'lora'}, "ccf.mode='lora'"),
     ({'ccf.ae_mode': 'alternate', 'ccf.ae_weight': 2.0}, 'ae_weight'),
     ({'ccf.memory_init_token': 5000}, 'memory_init_token'),
+    ({'data.task': 'pass'}, "data.task='pass'"),
+    ({'data.task': 'passkey', 'data.passkey_min_segments': 1}, 'passkey_min_segments in'),
 ])
 def test_clear_ccf_config_errors(changes, needle):
   cfg = tiny_ccf.get_config()

@@ -52,3 +52,30 @@ def test_score_on_crafted_logits():
   logits[0, a - 1, (tokens[0, a] + 1) % VOCAB] = 1.0  # One wrong digit in example 0.
   got = passkey.score(logits, batch)
   assert got['per_digit_accuracy'] == pytest.approx(9 / 10) and got['exact_match'] == 0.5
+
+
+def test_passkey_source_curriculum_placement_and_determinism():
+  """data.task='passkey': key inside segment 0, answer ending segment n-1, n from the curriculum."""
+  l, T, bs = 128, 6, 4
+  src = passkey.PasskeySource(encode, 1000, T, l, seed=3, bos_id=2, pad_id=0, batch_size=bs,
+                              min_segments=2, curriculum_steps=8)
+  statement = len(encode(passkey.STATEMENT.format(key='00000')))
+  # Step s = k // bs: n grows linearly from 2 (step 0) to T (step >= 8).
+  assert [src.segments_at(s * bs) for s in (0, 4, 8, 20)] == [2, 4, 6, 6]
+  for k in (0, 1, 17, 35, 200):
+    ex, n = src[k], src.segments_at(k)
+    tokens, mask = ex['tokens'], ex['loss_mask']
+    assert tokens.shape == (T * l,) and int(ex['num_valid_segments']) == n
+    answer = np.flatnonzero(mask)
+    assert len(answer) == 5 and answer[-1] == n * l - 1  # The last valid token ends the answer.
+    assert (tokens[n * l:] == 0).all() and not mask[n * l:].any()  # Padded segments: no loss.
+    text = tokens[:l].tolist()
+    key_tokens = tokens[answer].tolist()
+    # The statement "The pass key is K." lies entirely inside segment 0.
+    first = encode('The pass key is ') + key_tokens
+    starts = [i for i in range(l - len(first) + 1) if text[i:i + len(first)] == first]
+    assert starts and starts[0] + statement <= l
+    np.testing.assert_array_equal(tokens, src[k]['tokens'])  # Deterministic per index.
+  assert len({tuple(src[k]['tokens'][:l]) for k in range(8)}) == 8  # Different keys/depths.
+  with pytest.raises(ValueError, match='min_segments'):
+    passkey.PasskeySource(encode, 10, T, l, seed=0, bos_id=2, pad_id=0, min_segments=1)

@@ -16,6 +16,11 @@ only (segment 0 sees no memory in any model, so it would only dilute the differe
 
 Prints one JSON object per trained model and a final summary object. Run outside the test suite;
 it takes `steps` x (2..4 models) x seeds training steps.
+
+`python -m ccf_jax.bench passkey --config=experiments/tiny_ccf_passkey.py` is the second bar:
+the CCF model and segment_local trained on passkey windows (`data.task='passkey'`, same steps),
+then teacher-forced per-digit accuracy and exact match of the key on held-out full-length windows
+(key in segment 0, question at the end of segment T-1), for CCF with memory on and off.
 """
 
 from __future__ import annotations
@@ -143,4 +148,41 @@ def bench_signal(config) -> list:
     closed = summary['segment_local']['mean_over_seeds'] - summary['ccf']['mean_over_seeds']
     summary['gap_closed_fraction'] = float(closed / gap) if gap > 0 else None
   out.append(summary)
+  return out
+
+
+def passkey_accuracy(cfg, params, memory: str) -> dict:
+  """Teacher-forced per-digit accuracy / exact match over the validation passkey windows."""
+  from ccf_jax.tasks import passkey
+  fn = jax.jit(lambda p, b: lm_logits(cfg, p, b, memory))
+  hits = digits = exact = n = 0
+  for batch in data_lib.make_train_iter(cfg, 'validation', 0, 1):
+    s = passkey.score(jax.device_get(fn(params, batch)), batch)
+    m = int((batch['loss_mask'][:, 1:] > 0).sum())
+    b = int((batch['num_valid_segments'] > 0).sum())
+    hits, digits = hits + s['per_digit_accuracy'] * m, digits + m
+    exact, n = exact + s['exact_match'] * b, n + b
+  return {'per_digit_accuracy': hits / max(digits, 1), 'exact_match': exact / max(n, 1),
+          'windows': n, 'chance_per_digit': 0.1}
+
+
+def bench_passkey(config) -> list:
+  """Trains CCF and segment_local on passkey windows; per-digit accuracy at T segments."""
+  if config.data.task != 'passkey':
+    raise ValueError("bench passkey needs a passkey config (data.task='passkey'), e.g. "
+                     '--config=experiments/tiny_ccf_passkey.py.')
+  out = []
+  c_ccf, p_ccf, s_ccf, wall = _train(config, 'ccf', int(config.train.seed),
+                                     budget_s=config.train.time_budget_s)
+  c_sl, p_sl, s_sl, wall_sl = _train(config, 'segment_local', int(config.train.seed),
+                                     steps=s_ccf['final_step'])
+  for name, c, p, s, w, memory in (('ccf', c_ccf, p_ccf, s_ccf, wall, 'on'),
+                                   ('ccf_memory_off', c_ccf, p_ccf, s_ccf, wall, 'off'),
+                                   ('segment_local', c_sl, p_sl, s_sl, wall_sl, 'off')):
+    rec = {'bench': 'passkey', 'model': name, 'T': config.ccf.num_segments,
+           'segment_len': config.ccf.segment_len, 'steps': s['final_step'],
+           'train_s': s['phases']['train'], 'wall_s': round(w, 1),
+           **passkey_accuracy(c, p, memory)}
+    print(rec, flush=True)
+    out.append(rec)
   return out

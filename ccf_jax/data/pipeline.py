@@ -315,6 +315,25 @@ def build_sources(config, split: str, tok: Optional[tokenizer_lib.Tokenizer] = N
   return sources, weights, info
 
 
+def passkey_sources(config, split: str, tok: tokenizer_lib.Tokenizer):
+  """`data.task='passkey'`: synthetic passkey windows (ccf_jax.tasks.passkey.PasskeySource)
+  instead of corpus text; the corpus still trains the tokenizer. Train is an endless seeded
+  stream with the curriculum; evaluation splits hold train.eval_batches batches of full windows
+  from their own seeds."""
+  from ccf_jax.tasks import passkey
+  d, train = config.data, split == 'train'
+  n = 2**31 - 1 if train else int(config.train.eval_batches) * int(d.batch_size)
+  seed = int(d.shuffle_seed) if train else 2**32 + _SPLITS.index(split)
+  src = passkey.PasskeySource(
+      tok.encode, n, config.ccf.num_segments, config.ccf.segment_len, seed,
+      tok.bos_id if tok.bos_id >= 0 else None, tok.pad_id, batch_size=d.batch_size,
+      min_segments=d.passkey_min_segments if train else 0,
+      curriculum_steps=d.passkey_curriculum_steps if train else 0)
+  info = dict(split=split, mode=d.mode, task='passkey', example_len=example_length(config),
+              examples=n, components=[])
+  return [src], [1.0], info
+
+
 @dataclasses.dataclass
 class Pipeline:
   """A built pipeline: the grain dataset (iterate it for batches) and what went into it."""
@@ -333,9 +352,14 @@ def make_pipeline(config, split: str, process_index: int = 0, process_count: int
   _check_config(config, split, process_index, process_count)
   d = config.data
   tok = tok or tokenizer_lib.load_or_train_tokenizer(config)
-  sources, weights, info = build_sources(config, split, tok)
   global_batch, local_batch = int(d.batch_size), int(d.batch_size) // process_count
-  if split == 'train':
+  if d.task == 'passkey':
+    sources, weights, info = passkey_sources(config, split, tok)
+  else:
+    sources, weights, info = build_sources(config, split, tok)
+  if split == 'train' and d.task == 'passkey':  # I.i.d. by construction: no shuffle needed.
+    ds = grain.MapDataset.source(sources[0])
+  elif split == 'train':
     comps = []
     for i, src in enumerate(sources):
       seed = (int(d.shuffle_seed) + 7919 * i) % 2**32

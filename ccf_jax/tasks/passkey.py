@@ -125,3 +125,56 @@ def score(logits: np.ndarray, batch: dict) -> dict:
   return {'per_digit_accuracy': float(hit.sum() / max(target_mask.sum(), 1)),
           'exact_match': float(np.mean(per_example == 1.0)),
           'chance': 0.1}
+
+
+class PasskeySource:
+  """grain random-access source of passkey training/evaluation windows (`data.task='passkey'`).
+
+  Example k is a document of n * l tokens padded to the window's T * l (`num_valid_segments` = n),
+  with the key statement inside segment 0 and the question ending segment n - 1, so the key can
+  reach the answer only through memory. Only the answer tokens are scored. Each example is drawn
+  from its own generator seeded by (seed, k): the stream is deterministic, needs no shuffling, and
+  the iterator state stays a single position (exact resume).
+
+  Curriculum: n grows linearly from `min_segments` to T over the first `curriculum_steps`
+  optimizer steps (global example k belongs to step k // batch_size); n = T afterwards, and
+  always n = T when curriculum_steps = 0. Reading a key one segment back is easier to discover
+  than seven back, and what is learnt there carries over.
+  """
+
+  def __init__(self, encode, num_examples: int, num_segments: int, segment_len: int, seed: int,
+               bos_id: int | None, pad_id: int, batch_size: int = 1, min_segments: int = 0,
+               curriculum_steps: int = 0, num_digits: int = 5):
+    self.encode, self.n = encode, int(num_examples)
+    self.T, self.l, self.seed = int(num_segments), int(segment_len), int(seed)
+    self.bos_id, self.pad_id, self.num_digits = bos_id, int(pad_id), int(num_digits)
+    self.batch_size, self.curriculum_steps = max(int(batch_size), 1), int(curriculum_steps)
+    self.min_segments = int(min_segments) or self.T
+    if not 2 <= self.min_segments <= self.T:
+      raise ValueError(f'passkey min_segments={min_segments} must be in [2, ccf.num_segments='
+                       f'{self.T}]: the key sits in segment 0 and the question in the last one.')
+    self._depths = {n: depth_range_in_segment(encode, n * self.l, 0, self.l, self.num_digits,
+                                              bos_id is not None)
+                    for n in range(self.min_segments, self.T + 1)}
+
+  def __len__(self) -> int:
+    return self.n
+
+  def segments_at(self, k: int) -> int:
+    """Valid segments of global example k (the curriculum)."""
+    if self.curriculum_steps <= 0:
+      return self.T
+    frac = min((k // self.batch_size) / self.curriculum_steps, 1.0)
+    return int(self.min_segments + round(frac * (self.T - self.min_segments)))
+
+  def __getitem__(self, k: int) -> dict:
+    k = int(k)
+    n = self.segments_at(k)
+    rng = np.random.default_rng([self.seed, k])
+    lo, hi = self._depths[n]
+    ex = make_example(self.encode, n * self.l, float(rng.uniform(lo, hi)), rng, self.num_digits,
+                      self.bos_id)
+    tokens = np.full(self.T * self.l, self.pad_id, np.int32)
+    mask = np.zeros(self.T * self.l, np.float32)
+    tokens[:n * self.l], mask[:n * self.l] = ex.tokens, ex.loss_mask
+    return dict(tokens=tokens, loss_mask=mask, num_valid_segments=np.int32(n))
