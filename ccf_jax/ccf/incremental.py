@@ -83,6 +83,16 @@ class GatedMemory:
   def __init__(self, memory: Memory, delta: Memory | None = None, gate: jax.Array | None = None):
     self.memory, self.delta, self.gate = memory, delta, gate
 
+  def rows(self, start: jax.Array, size: int) -> GatedMemory:
+    """The rows [start, start + size) of the buffer (a traced start, a static size). Rows keep
+    their segment tags, so masks and per-pair gates index them exactly as before."""
+    cut = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, start, size, axis)
+    memory = Memory(cut(self.memory.k, 2), cut(self.memory.v, 2), cut(self.memory.segment, 1),
+                    cut(self.memory.valid, 1))
+    delta = None if self.delta is None else self.delta._replace(k=cut(self.delta.k, 2),
+                                                                v=cut(self.delta.v, 2))
+    return GatedMemory(memory, delta, self.gate)
+
   def for_queries(self, segments: jax.Array) -> Memory:
     """The Memory seen by query segments int32[B, k]: shared rows, or (per-pair gates) rows per
     query segment [layers, B, k, R, K, D] = memory + gate[t, segment of row] * delta."""
@@ -181,12 +191,22 @@ def decode_window(cfg, decoder, tokens, scored, span, memory: GatedMemory):
   xs = (chunked(tokens), chunked(targets), chunked(weights), jnp.arange(n, dtype=jnp.int32) * k)
   remat = x.decoder_remat != 'none'
   layer_policy = x.decoder_remat if remat and n == 1 else None  # None: model.remat_policy.
+  # With memory_window W, a chunk's queries (segments first..first+k-1) see only the memory of
+  # segments first-W..first+k-2: slice those W+k segments' rows (a static width) out of the T*c
+  # buffer instead of attending to all of it under a mask. Same result, (W+k)/T of the attention
+  # and of the per-query memory copies (the 7B configs: 25 of 128 segments at k=1).
+  rows_per_segment = memory.memory.k.shape[2] // t
+  window = x.memory_window + k if x.memory_window and x.memory_window + k < t else 0
 
   def chunk_sums(inp):
     tok, tgt, w, first = inp
     segments = jnp.broadcast_to(first + jnp.arange(k, dtype=jnp.int32), (b, k))
     lo, hi = masks.visible_range(x, segments)
-    logits = decode_segments(decoder, x, tok, span, lo, hi, memory.for_queries(segments),
+    mem = memory
+    if window:
+      start = jnp.clip(first - x.memory_window, 0, t - window)
+      mem = memory.rows(start * rows_per_segment, window * rows_per_segment)
+    logits = decode_segments(decoder, x, tok, span, lo, hi, mem.for_queries(segments),
                              remat_policy=layer_policy)
     return shifted_ce_sums(logits, tgt, w)
 
