@@ -56,6 +56,16 @@ def get_config():
   x.memory_positions = 'sequential'
   x.memory_window = 24  # (4096 - 1024) / 128: the memory that fits Llama-2's 4K positions.
   x.ae_mode = 'off'
+  # Training-efficient path (ccf_jax/ccf/incremental.py): the released recipe's reservoir of S=2
+  # encoder graphs ('final': encoder backward over 2 segments, not 128), the decoder streamed in
+  # 4 chunks of 32 segments (one per fsdp shard per step, each chunk reading only the 24 + 32
+  # segments' memory rows it can see), each chunk step rematerialised.
+  x.grad_mode = 'reservoir'
+  x.reservoir_size = 2
+  x.reservoir_semantics = 'final'
+  x.decoder_segment_chunk = 32
+  x.decoder_remat = 'full'
+  x.encoder_map_batch = 32  # The no-residual encoder pass over all 128 segments, 32 at a time.
 
   t = c.train
   t.steps = 10000

@@ -3,7 +3,7 @@
 # Shakespeare corpus, export it, and run a quick evaluation.
 #
 #   ./launch/local.sh                      # 1 CPU device
-#   ./launch/local.sh --devices=8          # the same job sharded over 8 virtual CPU devices
+#   ./launch/local.sh --devices=8          # the same job sharded over 8 virtual CPU devices (batch 8)
 #   ./launch/local.sh --config=experiments/tiny.py --workdir=runs/x -- --config.train.steps=100
 #
 # Outputs: runs/local/<experiment>/ (checkpoints, metrics.jsonl, tb/), the export in .../export,
@@ -34,6 +34,9 @@ WORKDIR="${WORKDIR:-runs/local/$NAME}"
 export JAX_PLATFORMS=cpu
 if [ "$DEVICES" -gt 1 ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$DEVICES"
+  # The batch axis is split over the devices: at least one example per device (later flags win).
+  EXTRA=("--config.data.batch_size=$DEVICES" "${EXTRA[@]}")
+  echo "[local] $DEVICES devices: --config.data.batch_size=$DEVICES (one example per device)"
 fi
 echo "[local] setup $((T1 - T0))s; training $CONFIG on $DEVICES CPU device(s) -> $WORKDIR"
 python -m ccf_jax.train --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}"

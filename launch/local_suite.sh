@@ -3,7 +3,7 @@
 # hour on 2 cores): train the four tiny CPU models with the same data and the same number of steps,
 # evaluate each with --preset=full, and write one comparison report.
 #
-#   ./launch/local_suite.sh                          # 150 steps each (tiny_ccf.py's train.steps)
+#   ./launch/local_suite.sh                          # 540 steps each (tiny_ccf.py's train.steps)
 #   ./launch/local_suite.sh --steps=20 --preset=quick --workdir=runs/suite_smoke   # a smoke run
 #   ./launch/local_suite.sh --skip_train             # re-evaluate the existing exports
 #
@@ -53,6 +53,6 @@ for NAME in $MODELS; do
   EVALS+=("$W/eval")
 done
 python -m ccf_jax.eval_compare --runs="$(IFS=,; echo "${EVALS[*]}")" --out="$WORKDIR" \
-  --title="CCF vs baselines on the tiny CPU models (${STEPS:-150} steps, preset $PRESET)"
+  --title="CCF vs baselines on the tiny CPU models (${STEPS:-540} steps, preset $PRESET)"
 echo "[suite] wall time $(( $(date +%s) - T0 ))s"
 echo "[suite] report: $WORKDIR/comparison.md"
