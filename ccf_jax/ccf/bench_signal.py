@@ -44,6 +44,9 @@ from ccf_jax.ccf.arch import lm_logits
 _SEEDS = flags.DEFINE_integer('signal_seeds', 3, 'Seeds per model (bench signal).')
 _WINDOWS = flags.DEFINE_integer('signal_eval_batches', 8, 'Held-out batches scored (bench signal).')
 _FULL = flags.DEFINE_bool('signal_full_attention', True, 'Also train full_attention (bench signal).')
+_PASSKEY_BASELINE = flags.DEFINE_bool(
+    'passkey_train_baseline', True, 'bench passkey: also train segment_local for the same steps '
+    '(it cannot see the key; the CCF model with memory off is the same-weights control).')
 _EQUAL_TIME = flags.DEFINE_bool('signal_equal_time', True,
                                 'Also train segment_local for CCF\'s wall time (bench signal).')
 
@@ -174,11 +177,12 @@ def bench_passkey(config) -> list:
   out = []
   c_ccf, p_ccf, s_ccf, wall = _train(config, 'ccf', int(config.train.seed),
                                      budget_s=config.train.time_budget_s)
-  c_sl, p_sl, s_sl, wall_sl = _train(config, 'segment_local', int(config.train.seed),
-                                     steps=s_ccf['final_step'])
-  for name, c, p, s, w, memory in (('ccf', c_ccf, p_ccf, s_ccf, wall, 'on'),
-                                   ('ccf_memory_off', c_ccf, p_ccf, s_ccf, wall, 'off'),
-                                   ('segment_local', c_sl, p_sl, s_sl, wall_sl, 'off')):
+  runs = [('ccf', c_ccf, p_ccf, s_ccf, wall, 'on'), ('ccf_memory_off', c_ccf, p_ccf, s_ccf, wall, 'off')]
+  if _PASSKEY_BASELINE.value:
+    c_sl, p_sl, s_sl, wall_sl = _train(config, 'segment_local', int(config.train.seed),
+                                       steps=s_ccf['final_step'])
+    runs.append(('segment_local', c_sl, p_sl, s_sl, wall_sl, 'off'))
+  for name, c, p, s, w, memory in runs:
     rec = {'bench': 'passkey', 'model': name, 'T': config.ccf.num_segments,
            'segment_len': config.ccf.segment_len, 'steps': s['final_step'],
            'train_s': s['phases']['train'], 'wall_s': round(w, 1),
