@@ -63,7 +63,12 @@ class Decoder(nnx.Module):
 
   # ---------------------------------------------------------------------------------------------
   def embed_tokens(self, tokens):
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[self.cfg.dtype])
+    # Gather from an explicitly all-gathered table (the FSDP step, and the vocab shards under
+    # tensor parallelism): a lookup into the sharded table leaves the partitioner no efficient way
+    # from the table's (vocab, embed) sharding to the activations' (batch) one, and it falls back
+    # to an "involuntary full rematerialization". The cotangent is reduce-scattered back.
+    table = sharding.constrain(self.embed[...], (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(DTYPES[self.cfg.dtype])
     return sharding.constrain(x, ('batch', 'length', 'embed'))
 
   def run_layers(self, x, positions, mask, xs: Any = None,
