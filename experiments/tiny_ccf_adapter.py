@@ -1,6 +1,6 @@
 """CCF in adapter mode over a trained tiny.py: frozen base, LoRA (rank 8, alpha 32) + memory train.
 
-The base comes from an export of experiments/tiny.py (what ./launch/local.sh writes by default):
+The base is an export of experiments/tiny.py; the first command writes it to runs/local/tiny/export:
     ./launch/local.sh --config=experiments/tiny.py
     python -m ccf_jax.train --config=experiments/tiny_ccf_adapter.py --workdir=runs/tiny_ccf_adapter
 Its params map into both the encoder and the decoder (arch `from_base_params`); only the adapter
@@ -14,7 +14,7 @@ from experiments import tiny_ccf
 def get_config():
   c = tiny_ccf.get_config()
   c.name = 'tiny_ccf_adapter'
-  c.init.params_only = 'runs/local/tiny/export'  # Export of experiments/tiny.py (local.sh default).
+  c.init.params_only = 'runs/local/tiny/export'  # From ./launch/local.sh --config=experiments/tiny.py.
   c.ccf.mode = 'adapter'
   c.ccf.lora_rank = 8
   c.ccf.lora_alpha = 32.0

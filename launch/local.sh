@@ -41,7 +41,7 @@ fi
 echo "[local] setup $((T1 - T0))s; training $CONFIG on $DEVICES CPU device(s) -> $WORKDIR"
 python -m ccf_jax.train --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}"
 T2=$(date +%s)
-python -m ccf_jax.export --workdir="$WORKDIR" --out="$WORKDIR/export"
+python -m ccf_jax.export --workdir="$WORKDIR" --out="$WORKDIR/export" --overwrite
 T3=$(date +%s)
 python -m ccf_jax.evaluate --checkpoint="$WORKDIR/export" --preset=quick --out="$WORKDIR/eval"
 T4=$(date +%s)

@@ -1,7 +1,7 @@
 """Hugging Face Llama interop against fixtures that transformers itself wrote.
 
 tests/fixtures/hf/<name>/ holds small random LlamaForCausalLM checkpoints and the float32 logits
-transformers computed for fixed tokens (tools/make_hf_fixtures.py): the reference is independent of
+transformers computed for fixed tokens (tests/fixtures/make_hf_fixtures.py): a reference independent of
 ccf_jax, and no torch is needed here. A live test re-runs transformers where torch is installed.
 """
 

@@ -146,3 +146,22 @@ def test_unknown_field_is_an_error():
   c.model.dmodel = 3
   with pytest.raises(config_lib.ConfigError, match="unknown config field 'model.dmodel'"):
     config_lib.validate(c)
+
+
+def test_tensor_axis_must_divide_kv_heads():
+  # num_heads=4 passes tensor=4, num_kv_heads=2 does not: the kv_heads branch of the check fires.
+  c = small_config(data=-1, tensor=4)
+  with pytest.raises(config_lib.ConfigError, match='model.num_kv_heads=2 is not divisible by mesh.tensor=4'):
+    config_lib.validate(c, 8)
+
+
+def test_segments_must_divide_the_axes_that_carry_them():
+  from tests.ccf_testing import small_cfg
+  c = small_cfg(6)  # 6 segments over fsdp=4 (the 7B configs' rules: segments over fsdp).
+  c.mesh.data, c.mesh.fsdp = 2, 4
+  c.mesh.rules = tuple(dict(c.mesh.rules, batch=('data',), segment=('fsdp',)).items())
+  with pytest.raises(config_lib.ConfigError, match=r'ccf.num_segments=6 is not divisible by the 4 '
+                     r"devices of the mesh axes \('fsdp',\)"):
+    config_lib.validate(c, 8)
+  c.ccf.num_segments = 8
+  config_lib.validate(c, 8)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -54,6 +55,7 @@ def read_losses(workdir):
 def test_tiny_model_learns_real_text(tmp_path):
   c = small(train__steps=100)
   c.train.log_every = 5
+  c.train.profile_start, c.train.profile_steps = 20, 2  # The profiler window runs too.
   summary = trainer.train_and_evaluate(c, str(tmp_path))
   losses = read_losses(tmp_path)
   first, last = losses[5], losses[100]
@@ -61,6 +63,8 @@ def test_tiny_model_learns_real_text(tmp_path):
   assert first > 5.5 and last < first - 1.0, (first, last)
   assert summary['eval']['loss'] < first - 0.8
   assert summary['final_step'] == 100
+  assert [f for f in (tmp_path / 'tb').iterdir() if f.name.startswith('events.out.tfevents')]
+  assert list((tmp_path / 'profile').rglob('*.xplane.pb')), 'no profiler trace written'
 
 
 def test_nonfinite_stop_raises_and_saves_nothing(tmp_path):
@@ -82,6 +86,40 @@ def test_time_budget_stops_with_checkpoint(tmp_path, monkeypatch):
   assert 'time budget' in summary['stop_reason']
   steps = [int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()]
   assert max(steps) == summary['final_step'] < 100000
+
+
+def test_initialisation_priority(tmp_path):
+  """resume > init.from_checkpoint > init.params_only > init.from_hf > fresh, through the trainer.
+
+  Each lower-priority source is set to a path that does not exist, so using it would fail."""
+  from ccf_jax import checkpoint, export
+  missing = str(tmp_path / 'does_not_exist')
+  a = str(tmp_path / 'a')
+  trainer.train_and_evaluate(small(train__steps=3, train__warmup_steps=1), a)
+  exp = export.export(a, tmp_path / 'a_export')
+  params_a = checkpoint.restore_params(os.path.join(a, 'checkpoints', '3'))[0]
+
+  # init.from_checkpoint beats params_only / from_hf and continues the step count.
+  b = str(tmp_path / 'b')
+  c = small(train__steps=5, train__warmup_steps=1, init__from_checkpoint=os.path.join(a, 'checkpoints', '3'),
+            init__params_only=missing, init__from_hf=missing)
+  c.train.log_every = 1
+  trainer.train_and_evaluate(c, b)
+  assert sorted(read_losses(b)) == [4, 5]
+
+  # Resume from the workdir beats init.from_checkpoint (here a missing path).
+  c = small(train__steps=6, train__warmup_steps=1, init__from_checkpoint=missing)
+  c.train.log_every = 1
+  assert trainer.train_and_evaluate(c, b)['final_step'] == 6
+  assert sorted(read_losses(b)) == [4, 5, 6]
+
+  # init.params_only beats init.from_hf: a zero learning rate keeps exactly the exported params.
+  d = str(tmp_path / 'd')
+  c = small(train__steps=1, train__warmup_steps=0, train__lr=0.0, init__params_only=str(exp), init__from_hf=missing)
+  trainer.train_and_evaluate(c, d)
+  params_d = checkpoint.restore_params(os.path.join(d, 'checkpoints', '1'))[0]
+  for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_d)):
+    np.testing.assert_array_equal(x, y)
 
 
 # ---------------------------------------------------------------------------------- resume
