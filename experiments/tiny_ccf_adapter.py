@@ -14,7 +14,8 @@ from experiments import tiny_ccf
 def get_config():
   c = tiny_ccf.get_config()
   c.name = 'tiny_ccf_adapter'
-  c.init.params_only = 'runs/local/tiny/export'  # From ./launch/local.sh --config=experiments/tiny.py.
+  # Written by ./launch/local.sh --config=experiments/tiny.py.
+  c.init.params_only = 'runs/local/tiny/export'
   c.ccf.mode = 'adapter'
   c.ccf.lora_rank = 8
   c.ccf.lora_alpha = 32.0

@@ -31,7 +31,8 @@ def test_bench_train_prints_json():
 
 def test_bench_unknown_subcommand_is_a_usage_error():
   r = _bench('nope', '--config=experiments/tiny.py')
-  assert r.returncode != 0 and 'usage: python -m ccf_jax.bench {train,data,memory,signal' in r.stderr
+  assert r.returncode != 0
+  assert 'usage: python -m ccf_jax.bench {train,data,memory,signal' in r.stderr
 
 
 def test_every_subcommand_module_imports_with_the_dispatcher():

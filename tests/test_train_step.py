@@ -151,7 +151,8 @@ def test_unknown_field_is_an_error():
 def test_tensor_axis_must_divide_kv_heads():
   # num_heads=4 passes tensor=4, num_kv_heads=2 does not: the kv_heads branch of the check fires.
   c = small_config(data=-1, tensor=4)
-  with pytest.raises(config_lib.ConfigError, match='model.num_kv_heads=2 is not divisible by mesh.tensor=4'):
+  with pytest.raises(config_lib.ConfigError,
+                     match='model.num_kv_heads=2 is not divisible by mesh.tensor=4'):
     config_lib.validate(c, 8)
 
 

@@ -101,7 +101,8 @@ def test_initialisation_priority(tmp_path):
 
   # init.from_checkpoint beats params_only / from_hf and continues the step count.
   b = str(tmp_path / 'b')
-  c = small(train__steps=5, train__warmup_steps=1, init__from_checkpoint=os.path.join(a, 'checkpoints', '3'),
+  c = small(train__steps=5, train__warmup_steps=1,
+            init__from_checkpoint=os.path.join(a, 'checkpoints', '3'),
             init__params_only=missing, init__from_hf=missing)
   c.train.log_every = 1
   trainer.train_and_evaluate(c, b)
@@ -115,7 +116,8 @@ def test_initialisation_priority(tmp_path):
 
   # init.params_only beats init.from_hf: a zero learning rate keeps exactly the exported params.
   d = str(tmp_path / 'd')
-  c = small(train__steps=1, train__warmup_steps=0, train__lr=0.0, init__params_only=str(exp), init__from_hf=missing)
+  c = small(train__steps=1, train__warmup_steps=0, train__lr=0.0, init__params_only=str(exp),
+            init__from_hf=missing)
   trainer.train_and_evaluate(c, d)
   params_d = checkpoint.restore_params(os.path.join(d, 'checkpoints', '1'))[0]
   for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_d)):
