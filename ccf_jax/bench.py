@@ -55,7 +55,7 @@ def bench_train(config, steps: int | None = None) -> dict:
   import jax
   import numpy as np
 
-  from ccf_jax import arch as arch_lib, config_lib, optim, sharding, train_step as ts, trainer
+  from ccf_jax import arch as arch_lib, config_lib, sharding, train_step as ts, trainer
   steps = steps or (_FLAGS['steps'].value if 'steps' in _FLAGS else 20)
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
@@ -66,11 +66,7 @@ def bench_train(config, steps: int | None = None) -> dict:
            'loss_mask': np.ones((config.data.batch_size, length), np.float32),
            'num_valid_segments': np.full((config.data.batch_size,), config.ccf.num_segments, np.int32)}
   with sharding.use_mesh(mesh, config.mesh.rules):
-    tx = optim.make_optimizer(config.train)
-    _, state_sh = ts.abstract_state_and_shardings(config, tx, mesh)
-    state = jax.jit(ts.init_state_fn(config, tx), out_shardings=state_sh)()
-    batch_sh = ts.batch_shardings(config, mesh, batch)
-    step = ts.jit_train_step(config, tx, mesh, state_sh, batch_sh)
+    state, step, batch_sh = ts.fresh_state_and_step(config, mesh, batch)
     dev_batch = trainer.to_device(batch, batch_sh)
     t = time.time()
     compiled = step.lower(state, dev_batch).compile()

@@ -72,11 +72,16 @@ class Decoder(nnx.Module):
     return sharding.constrain(x, ('batch', 'length', 'embed'))
 
   def run_layers(self, x, positions, mask, xs: Any = None,
-                 block_kwargs: Callable[[Any], dict] | None = None, remat_policy: str | None = None):
+                 block_kwargs: Callable[[Any], dict] | None = None, remat_policy: str | None = None,
+                 latents_only: bool = False):
     """Applies all blocks. Returns (x, hs) with hs[layer] the normed attention input ([L, B, len, d]).
 
     xs: an optional pytree with a leading `layers` axis, sliced per layer and turned into extra
     block arguments by `block_kwargs(xs_slice)` (CCF passes per-layer memory K/V and LoRA weights).
+    latents_only: the caller keeps only hs (the CCF encoder), so the last block's attention and MLP,
+    whose output nothing reads, are skipped: only its input norm runs, and x is then the input of
+    the last block. XLA cannot drop that work itself: a scan's last iteration is the same body as
+    every other (and its backward runs too, on a zero cotangent). It saves 1/L of the encoder.
     """
     cfg = self.cfg
     gdef, lstate = nnx.split(self.layers)
@@ -91,14 +96,20 @@ class Decoder(nnx.Module):
 
     if policy_name != 'none':
       body = jax.checkpoint(body, policy=REMAT_POLICIES[policy_name], prevent_cse=not cfg.scan_layers)
+    n = cfg.num_layers - 1 if latents_only else cfg.num_layers
+    stack = jax.tree.map(lambda a: a[:n], (lstate, xs)) if latents_only else (lstate, xs)
     if cfg.scan_layers:
-      return jax.lax.scan(body, x, (lstate, xs))
-    hs = []
-    for i in range(cfg.num_layers):
-      sl = jax.tree.map(lambda a: a[i], (lstate, xs))
-      x, h = body(x, sl)
-      hs.append(h)
-    return x, jnp.stack(hs)
+      x, hs = jax.lax.scan(body, x, stack, length=n)
+    else:
+      hs = []
+      for i in range(n):
+        x, h = body(x, jax.tree.map(lambda a: a[i], stack))
+        hs.append(h)
+      hs = jnp.stack(hs) if hs else jnp.zeros((0, *x.shape), x.dtype)
+    if latents_only:
+      last = nnx.merge(gdef, jax.tree.map(lambda a: a[n], lstate))
+      hs = jnp.concatenate([hs, last.attn_norm(x)[None]])
+    return x, hs
 
   def logits(self, x):
     x = self.final_norm(x)

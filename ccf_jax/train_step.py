@@ -173,6 +173,17 @@ def jit_train_step(cfg, tx, mesh, state_sh, batch_sh):
                  out_shardings=(state_sh, rep), donate_argnums=(0,))
 
 
+def fresh_state_and_step(cfg, mesh, batch_like: dict):
+  """(state, step, batch_sh): a freshly initialised train state, allocated sharded, and the jitted
+  train step for batches shaped like `batch_like`. Call under `sharding.use_mesh`. What benchmarks
+  and tests need; the trainer does more (initialisation sources, resume, eval step)."""
+  tx = optim.make_optimizer(cfg.train)
+  _, state_sh = abstract_state_and_shardings(cfg, tx, mesh)
+  state = jax.jit(init_state_fn(cfg, tx), out_shardings=state_sh)()
+  batch_sh = batch_shardings(cfg, mesh, batch_like)
+  return state, jit_train_step(cfg, tx, mesh, state_sh, batch_sh), batch_sh
+
+
 def jit_eval_step(cfg, mesh, state_sh, batch_sh):
   return jax.jit(make_eval_step(cfg), in_shardings=(state_sh, batch_sh),
                  out_shardings=NamedSharding(mesh, P()))

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from ccf_jax import optim, sharding, train_step as ts, trainer
+from ccf_jax import sharding, train_step as ts, trainer
 from ccf_jax.ccf import bench_signal
 from experiments import tiny_ccf
 
@@ -51,11 +51,7 @@ def train_on_copies(cfg):
   mesh = sharding.make_mesh(cfg.mesh)
   rng = np.random.default_rng(0)
   with sharding.use_mesh(mesh, cfg.mesh.rules):
-    tx = optim.make_optimizer(cfg.train)
-    _, state_sh = ts.abstract_state_and_shardings(cfg, tx, mesh)
-    state = jax.jit(ts.init_state_fn(cfg, tx), out_shardings=state_sh)()
-    batch_sh = ts.batch_shardings(cfg, mesh, copy_batch(rng))
-    step = ts.jit_train_step(cfg, tx, mesh, state_sh, batch_sh)
+    state, step, batch_sh = ts.fresh_state_and_step(cfg, mesh, copy_batch(rng))
     for _ in range(cfg.train.steps):
       state, _ = step(state, trainer.to_device(copy_batch(rng), batch_sh))
   return jax.device_get(state.params)

@@ -38,11 +38,7 @@ def make_batch(c, seed=0):
 def run_steps(c, batches):
   mesh = sharding.make_mesh(c.mesh)
   with sharding.use_mesh(mesh, c.mesh.rules):
-    tx = optim.make_optimizer(c.train)
-    abstract, state_sh = ts.abstract_state_and_shardings(c, tx, mesh)
-    state = jax.jit(ts.init_state_fn(c, tx), out_shardings=state_sh)()
-    batch_sh = ts.batch_shardings(c, mesh, batches[0])
-    step = ts.jit_train_step(c, tx, mesh, state_sh, batch_sh)
+    state, step, batch_sh = ts.fresh_state_and_step(c, mesh, batches[0])
     losses, gnorms = [], []
     for b in batches:
       state, m = step(state, {k: jax.device_put(v, batch_sh[k]) for k, v in b.items()})
@@ -97,11 +93,8 @@ def test_nan_in_batch_is_caught_and_skipped():
   bad['loss_mask'][1, 3] = np.nan  # A NaN in the batch poisons the loss.
   mesh = sharding.make_mesh(c.mesh)
   with sharding.use_mesh(mesh, c.mesh.rules):
-    tx = optim.make_optimizer(c.train)
-    _, state_sh = ts.abstract_state_and_shardings(c, tx, mesh)
-    state = jax.jit(ts.init_state_fn(c, tx), out_shardings=state_sh)()
+    state, step, _ = ts.fresh_state_and_step(c, mesh, good)
     before = jax.device_get(state.params)
-    step = ts.jit_train_step(c, tx, mesh, state_sh, ts.batch_shardings(c, mesh, good))
     state, m = step(state, bad)
     assert float(m['finite']) == 0.0 and int(state.nonfinite_count) == 1
     for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)):

@@ -177,7 +177,8 @@ class CCFModel(nnx.Module):
     inputs = jnp.concatenate([x, self.memory_tokens(n)], axis=1)
     inputs = sharding.constrain(inputs, ('batch', 'length', 'embed'))
     _, hs = self.encoder_layers().run_layers(inputs, positions, mask, xs=weights,
-                                             block_kwargs=lora_kwargs, remat_policy=remat_policy)
+                                             block_kwargs=lora_kwargs, remat_policy=remat_policy,
+                                             latents_only=True)
     return hs[:, :, l:]
 
   def project_memory(self, z: jax.Array, positions: jax.Array):
