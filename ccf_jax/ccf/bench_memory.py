@@ -15,7 +15,8 @@ same window. One JSON object per configuration:
                  back-propagation, no recomputation);
   step_s         measured seconds per step: the mean of STEPS steps after a warm-up step.
 A last object ('memory_targets') evaluates the issue's targets for `reservoir_final` (S=2) from
-the rows above.
+the rows above. `--memory_modes=reservoir_final,full_remat --memory_steps=20` re-measures just the
+step-time target, with less noise (on a shared 2-core machine 5 steps vary by 10-30%).
 
 The model is `config` when its arch is 'ccf'; any other config (the default, experiments/tiny.py)
 means `bench_model()`, a tiny CCF model sized so that the whole sweep (44 compilations, which
@@ -27,9 +28,14 @@ from __future__ import annotations
 import logging
 
 import ml_collections
+from absl import flags
 
 T_VALUES = (4, 8, 16, 32)
 STEPS = 5
+_MODES = flags.DEFINE_list('memory_modes', None, 'bench memory: only these MODES (and '
+                           'full_attention if listed); default all.')
+_STEPS = flags.DEFINE_integer('memory_steps', STEPS, 'bench memory: timed steps per configuration '
+                              '(more steps, less noise in step_s; compilation dominates anyway).')
 # Remat everywhere: encoder layers, each decoder chunk step (or the layers of a single chunk), and
 # the decoder layers inside a chunk step (model.remat_policy), so that the decoder keeps one layer
 # of one chunk alive in the backward pass.
@@ -127,12 +133,21 @@ def targets(rows: list[dict]) -> dict:
 def bench_memory(config, t_values=T_VALUES, steps: int = STEPS) -> list[dict]:
   """One record per (T, mode, k) and one per T for full attention, then the targets."""
   base = config if config.model.arch == 'ccf' else bench_model()
+  wanted = set(MODES) | {'full_attention'}
+  if flags.FLAGS.is_parsed():
+    steps = _STEPS.value if steps == STEPS else steps
+    if _MODES.value:
+      unknown = set(_MODES.value) - wanted
+      if unknown:
+        raise ValueError(f'--memory_modes: unknown {sorted(unknown)}; choose from {sorted(wanted)}.')
+      wanted = set(_MODES.value)
   rows = []
   for t in t_values:
     for mode, over in MODES.items():
-      for k in sorted({1, t}):
+      for k in sorted({1, t}) if mode in wanted else ():
         cfg = _configured(base, t, 'ccf', over['model'], dict(over['ccf'], decoder_segment_chunk=k))
         rows.append(_measure(cfg, mode, steps))
-    rows.append(_measure(_configured(base, t, 'full_attention', NO_REMAT['model'], {}),
-                         'full_attention', steps))
+    if 'full_attention' in wanted:
+      rows.append(_measure(_configured(base, t, 'full_attention', NO_REMAT['model'], {}),
+                           'full_attention', steps))
   return rows + [targets(rows)]
