@@ -73,15 +73,16 @@ class Decoder(nnx.Module):
 
   def run_layers(self, x, positions, mask, xs: Any = None,
                  block_kwargs: Callable[[Any], dict] | None = None, remat_policy: str | None = None,
-                 latents_only: bool = False):
+                 latents_from: int | None = None):
     """Applies all blocks. Returns (x, hs) with hs[layer] the normed attention input ([L, B, len, d]).
 
     xs: an optional pytree with a leading `layers` axis, sliced per layer and turned into extra
     block arguments by `block_kwargs(xs_slice)` (CCF passes per-layer memory K/V and LoRA weights).
-    latents_only: the caller keeps only hs (the CCF encoder), so the last block's attention and MLP,
-    whose output nothing reads, are skipped: only its input norm runs, and x is then the input of
-    the last block. XLA cannot drop that work itself: a scan's last iteration is the same body as
-    every other (and its backward runs too, on a zero cotangent). It saves 1/L of the encoder.
+    latents_from: the CCF encoder, which keeps only hs at positions latents_from.. (the memory
+    tokens): hs holds just those positions, and the last block's attention and MLP, whose output
+    nothing reads, are skipped (only its input norm runs; x is then the last block's input). XLA
+    cannot drop that work itself: a scan's last trip is the same body as every other, and its
+    backward runs too, on a zero cotangent. It saves 1/L of the encoder.
     """
     cfg = self.cfg
     gdef, lstate = nnx.split(self.layers)
@@ -92,8 +93,9 @@ class Decoder(nnx.Module):
       block = nnx.merge(gdef, layer_state)
       kwargs = block_kwargs(xs_i) if block_kwargs is not None else {}
       y, h = block(carry, positions, mask, **kwargs)
-      return y, h
+      return y, (h[:, latents_from:] if latents_only else h)
 
+    latents_only = latents_from is not None
     if policy_name != 'none':
       body = jax.checkpoint(body, policy=REMAT_POLICIES[policy_name], prevent_cse=not cfg.scan_layers)
     n = cfg.num_layers - 1 if latents_only else cfg.num_layers
@@ -105,10 +107,10 @@ class Decoder(nnx.Module):
       for i in range(n):
         x, h = body(x, jax.tree.map(lambda a: a[i], stack))
         hs.append(h)
-      hs = jnp.stack(hs) if hs else jnp.zeros((0, *x.shape), x.dtype)
+      hs = jnp.stack(hs) if hs else jnp.zeros((0, *x[:, latents_from:].shape), x.dtype)
     if latents_only:
       last = nnx.merge(gdef, jax.tree.map(lambda a: a[n], lstate))
-      hs = jnp.concatenate([hs, last.attn_norm(x)[None]])
+      hs = jnp.concatenate([hs, last.attn_norm(x[:, latents_from:])[None]])
     return x, hs
 
   def logits(self, x):

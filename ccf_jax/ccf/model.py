@@ -178,8 +178,8 @@ class CCFModel(nnx.Module):
     inputs = sharding.constrain(inputs, ('batch', 'length', 'embed'))
     _, hs = self.encoder_layers().run_layers(inputs, positions, mask, xs=weights,
                                              block_kwargs=lora_kwargs, remat_policy=remat_policy,
-                                             latents_only=True)
-    return hs[:, :, l:]
+                                             latents_from=l)
+    return hs
 
   def project_memory(self, z: jax.Array, positions: jax.Array):
     """Latents z [layers, N, c, d] at decoder positions [N, c] -> rotated keys and values
