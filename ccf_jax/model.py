@@ -38,6 +38,14 @@ def causal_mask(length: int) -> jax.Array:
   return (i[:, None] >= i[None, :])[None]
 
 
+def latent_blocks(num_layers: int) -> int:
+  """Blocks the CCF encoder computes in full (`run_layers(latents_from=...)`): the last block's
+  attention and MLP are skipped when at least two blocks remain. With a single scanned trip left
+  (L=2) XLA:CPU lost the remat boundary and temp memory grew (measured on `bench memory`'s L=2
+  model: 141 -> 186 MB for full_remat at T=32, k=T), so L <= 2 keeps the full scan."""
+  return num_layers - 1 if num_layers >= 3 else num_layers
+
+
 class Decoder(nnx.Module):
   """Embedding -> scanned blocks -> final RMSNorm -> LM head (optionally tied)."""
 
@@ -79,10 +87,10 @@ class Decoder(nnx.Module):
     xs: an optional pytree with a leading `layers` axis, sliced per layer and turned into extra
     block arguments by `block_kwargs(xs_slice)` (CCF passes per-layer memory K/V and LoRA weights).
     latents_from: the CCF encoder, which keeps only hs at positions latents_from.. (the memory
-    tokens): hs holds just those positions, and the last block's attention and MLP, whose output
-    nothing reads, are skipped (only its input norm runs; x is then the last block's input). XLA
-    cannot drop that work itself: a scan's last trip is the same body as every other, and its
-    backward runs too, on a zero cotangent. It saves 1/L of the encoder.
+    tokens): hs holds just those positions, and (see `latent_blocks`) the last block's attention
+    and MLP, whose output nothing reads, are skipped (only its input norm runs; x is then the last
+    block's input). XLA cannot drop that work itself: a scan's last trip is the same body as every
+    other, and its backward runs too, on a zero cotangent. It saves 1/L of the encoder.
     """
     cfg = self.cfg
     gdef, lstate = nnx.split(self.layers)
@@ -93,13 +101,13 @@ class Decoder(nnx.Module):
       block = nnx.merge(gdef, layer_state)
       kwargs = block_kwargs(xs_i) if block_kwargs is not None else {}
       y, h = block(carry, positions, mask, **kwargs)
-      return y, (h[:, latents_from:] if latents_only else h)
+      return y, (h if latents_from is None else h[:, latents_from:])
 
-    latents_only = latents_from is not None
+    skip_last = latents_from is not None and latent_blocks(cfg.num_layers) < cfg.num_layers
     if policy_name != 'none':
       body = jax.checkpoint(body, policy=REMAT_POLICIES[policy_name], prevent_cse=not cfg.scan_layers)
-    n = cfg.num_layers - 1 if latents_only else cfg.num_layers
-    stack = jax.tree.map(lambda a: a[:n], (lstate, xs)) if latents_only else (lstate, xs)
+    n = cfg.num_layers - 1 if skip_last else cfg.num_layers
+    stack = jax.tree.map(lambda a: a[:n], (lstate, xs)) if skip_last else (lstate, xs)
     if cfg.scan_layers:
       x, hs = jax.lax.scan(body, x, stack, length=n)
     else:
@@ -108,7 +116,7 @@ class Decoder(nnx.Module):
         x, h = body(x, jax.tree.map(lambda a: a[i], stack))
         hs.append(h)
       hs = jnp.stack(hs) if hs else jnp.zeros((0, *x[:, latents_from:].shape), x.dtype)
-    if latents_only:
+    if skip_last:
       last = nnx.merge(gdef, jax.tree.map(lambda a: a[n], lstate))
       hs = jnp.concatenate([hs, last.attn_norm(x[:, latents_from:])[None]])
     return x, hs

@@ -194,17 +194,18 @@ def from_base_params(cfg, base: dict) -> dict:
 
 
 def ccf_forward_flops(cfg, batch_size: int) -> dict:
-  """Forward FLOPs of one step by part: 'encoder' (its L - 1 computed blocks with their q/v LoRA),
+  """Forward FLOPs of one step by part: 'encoder' (its computed blocks with their q/v LoRA),
   'project' (memory K/V with the transfer LoRA), 'decoder', 'ae' (auto-encoding, ae_mode 'extra')."""
   m, x = cfg.model, cfg.ccf
   l, c, t = x.segment_len, x.num_memory, x.num_segments
   n = batch_size * t
   kv = m.num_kv_heads * m.head_dim  # Each LoRA costs 2 * rank * (d + out) per token.
   lora = 2 * n * m.num_layers * x.lora_rank
-  # The encoder runs L - 1 whole blocks: of the last one only the input norm (the latent) is used.
+  # The encoder runs latent_blocks(L) whole blocks: L - 1 from L = 3 on (the last one's latent is
+  # only its input norm).
   encoder = (flops.forward_flops(m, n * (l + c), l + c, l + c, with_head=False)
              + lora * (l + c) * (2 * m.d_model + m.num_heads * m.head_dim + kv))
-  encoder *= (m.num_layers - 1) / m.num_layers
+  encoder *= model_lib.latent_blocks(m.num_layers) / m.num_layers
   project = 2 * n * c * m.num_layers * m.d_model * 2 * kv + lora * c * 2 * (m.d_model + kv)
   decoder = flops.forward_flops(m, n * l, l, t * c + l)
   ae = flops.forward_flops(m, batch_size * l, l, t * c + l) if x.ae_mode == 'extra' else 0.0
