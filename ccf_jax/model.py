@@ -41,8 +41,8 @@ def causal_mask(length: int) -> jax.Array:
 def latent_blocks(num_layers: int) -> int:
   """Blocks the CCF encoder computes in full (`run_layers(latents_from=...)`): the last block's
   attention and MLP are skipped when at least two blocks remain. With a single scanned trip left
-  (L=2) XLA:CPU lost the remat boundary and temp memory grew (measured on `bench memory`'s L=2
-  model: 141 -> 186 MB for full_remat at T=32, k=T), so L <= 2 keeps the full scan."""
+  (L=2) XLA:CPU's temp memory grew instead (`bench memory`'s L=2 model: 141 -> 186 MB for
+  full_remat at T=32, k=T; cause not found), so L <= 2 keeps the full scan."""
   return num_layers - 1 if num_layers >= 3 else num_layers
 
 
@@ -103,10 +103,10 @@ class Decoder(nnx.Module):
       y, h = block(carry, positions, mask, **kwargs)
       return y, (h if latents_from is None else h[:, latents_from:])
 
-    skip_last = latents_from is not None and latent_blocks(cfg.num_layers) < cfg.num_layers
     if policy_name != 'none':
       body = jax.checkpoint(body, policy=REMAT_POLICIES[policy_name], prevent_cse=not cfg.scan_layers)
-    n = cfg.num_layers - 1 if skip_last else cfg.num_layers
+    n = cfg.num_layers if latents_from is None else latent_blocks(cfg.num_layers)
+    skip_last = n < cfg.num_layers
     stack = jax.tree.map(lambda a: a[:n], (lstate, xs)) if skip_last else (lstate, xs)
     if cfg.scan_layers:
       x, hs = jax.lax.scan(body, x, stack, length=n)
@@ -115,7 +115,7 @@ class Decoder(nnx.Module):
       for i in range(n):
         x, h = body(x, jax.tree.map(lambda a: a[i], stack))
         hs.append(h)
-      hs = jnp.stack(hs) if hs else jnp.zeros((0, *x[:, latents_from:].shape), x.dtype)
+      hs = jnp.stack(hs)
     if skip_last:
       last = nnx.merge(gdef, jax.tree.map(lambda a: a[n], lstate))
       hs = jnp.concatenate([hs, last.attn_norm(x[:, latents_from:])[None]])
