@@ -59,6 +59,7 @@ from flax import nnx
 
 from ccf_jax import arch as arch_lib, model as model_lib
 from ccf_jax.ccf import masks
+from ccf_jax.ccf.model import memory_kwargs
 from ccf_jax.layers import DTYPES
 
 ARCH_MODES = {'ccf': 'ccf', 'segment_local': 'local', 'full_attention': 'full', 'decoder': 'full'}
@@ -200,7 +201,7 @@ class Engine:
   def _extend(self, params, cache: Cache, tokens, num_new, all_logits: bool):
     """Appends tokens [B, Lq] (the first num_new[b] of row b) after the cache; returns the new
     cache and logits [B, Lq, V] (all_logits) or [B, 1, V] at each row's last new token."""
-    _, decoder = self._bind(params)
+    module, decoder = self._bind(params)
     b, lq = tokens.shape
     mem_cap, cap = cache.mem_segment.shape[1], cache.k.shape[2]
     i = jnp.arange(lq, dtype=jnp.int32)
@@ -215,8 +216,10 @@ class Engine:
     prefix = jnp.concatenate([mem_vis, raw_vis], axis=1)[:, None]
     mask = jnp.concatenate([jnp.broadcast_to(prefix, (b, lq, cap)),
                             jnp.broadcast_to(model_lib.causal_mask(lq), (b, lq, lq))], axis=-1)
+    gate = module.read_gate() if self.mode == 'ccf' else None
     x, hs = decoder.run_layers(decoder.embed_tokens(tokens), positions, mask,
-                               xs=(cache.k, cache.v), block_kwargs=lambda kv: {'kv_prefix': kv})
+                               xs=((cache.k, cache.v), gate),
+                               block_kwargs=lambda xs: memory_kwargs(xs, mem_cap))
     k, v = layer_kv(decoder, hs, positions)
     fresh = i[None] < num_new[:, None]
     at = cache.raw_len[:, None] + i[None]

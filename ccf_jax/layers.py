@@ -123,8 +123,15 @@ class Attention(nnx.Module):
     v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'head_dim'))
     return k, v
 
-  def __call__(self, h, positions, mask, kv_prefix=None, q_delta=None, v_delta=None):
-    """h: normed input [B, L, d]; kv_prefix: optional (k, v) rows [B, M, K, D] placed before h's."""
+  def __call__(self, h, positions, mask, kv_prefix=None, q_delta=None, v_delta=None,
+               memory_gate=None, memory_rows=None):
+    """h: normed input [B, L, d]; kv_prefix: optional (k, v) rows [B, M, K, D] placed before h's.
+
+    memory_gate: optional [heads] weights (CCF's `ccf.memory_gate='tanh'`): the first
+    `memory_rows` key rows (default: all of kv_prefix) are then read by a softmax of their own,
+    added to the rest's as `memory_gate * read`, instead of sharing one softmax with them. A zero
+    gate is exactly attention without those rows.
+    """
     q = jnp.einsum('bld,dhk->blhk', h, self._w(self.wq))
     if q_delta is not None:
       q = q + q_delta
@@ -133,7 +140,14 @@ class Attention(nnx.Module):
     if kv_prefix is not None:
       k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
       v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
-    out = attend(q, k, v, mask)
+    if memory_gate is None:
+      out = attend(q, k, v, mask)
+    else:
+      m = kv_prefix[0].shape[1] if memory_rows is None else memory_rows
+      full = jnp.broadcast_to(mask, (*mask.shape[:-1], k.shape[1]))
+      read = attend(q, k[:, :m], v[:, :m], full[..., :m])
+      out = attend(q, k[:, m:], v[:, m:], full[..., m:])
+      out = out + read * memory_gate.astype(read.dtype)[:, None]
     out = jnp.einsum('blhk,hkd->bld', out, self._w(self.wo))
     return sharding.constrain(out, ('batch', 'length', 'embed'))
 
@@ -169,10 +183,11 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, dt)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, mask, kv_prefix=None, q_delta_fn=None, v_delta_fn=None):
+  def __call__(self, x, positions, mask, kv_prefix=None, q_delta_fn=None, v_delta_fn=None,
+               memory_gate=None, memory_rows=None):
     h = self.attn_norm(x)
     qd = None if q_delta_fn is None else q_delta_fn(h)
     vd = None if v_delta_fn is None else v_delta_fn(h)
-    x = x + self.attn(h, positions, mask, kv_prefix, qd, vd)
+    x = x + self.attn(h, positions, mask, kv_prefix, qd, vd, memory_gate, memory_rows)
     x = x + self.mlp(self.mlp_norm(x))
     return x, h

@@ -67,6 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   x.memory_init_token = -1  # Memory vectors start as this token's embedding (paper: eos); -1 random.
   x.mask = 'nested'  # Encoder: 'nested' (memory j sees tokens < (j+1)*l/c) | 'plain' (all).
   x.memory_positions = 'sequential'  # Memory rows' rotary positions: 'sequential' | 'segment'.
+  x.memory_gate = 'none'  # Decoder's memory read: 'none' one softmax over [memory; raw] (paper) |
+  # 'tanh': memory rows get their own softmax, added with a per-head weight tanh(g), g=0 at init.
   x.memory_window = 0  # Attend to the M most recent segments' memory (bounds positions); 0 = all.
   x.score_first_token = True  # Score each segment's first token (predicted by the previous one).
   x.ae_mode = 'off'  # Auto-encoding: 'off' | 'extra' (one random segment per window) | 'alternate'.

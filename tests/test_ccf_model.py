@@ -157,7 +157,13 @@ def naive_decode(p, cfg, seg_tokens, memories, first_input=None):
       mv = jnp.einsum('nd,dhk->nhk', z, lp['attn']['wv']) + _lora(z, lo['mem_v'], scale)
       k = jnp.concatenate([_rope(mk, mem_pos, m.rope_theta), k], 0)
       v = jnp.concatenate([mv, v], 0)
-    h = h + jnp.einsum('nhk,hkd->nd', _attention(m, q, k, v, allowed), lp['attn']['wo'])
+    if rows and 'memory_gate' in ad:  # Its own softmax over the memory rows, added gated.
+      out = (_attention(m, q, k[rows:], v[rows:], allowed[:, rows:])
+             + jnp.tanh(lo['memory_gate'])[:, None] * _attention(m, q, k[:rows], v[:rows],
+                                                                 allowed[:, :rows]))
+    else:
+      out = _attention(m, q, k, v, allowed)
+    h = h + jnp.einsum('nhk,hkd->nd', out, lp['attn']['wo'])
     h = h + _mlp(lp, h, m)
   return _rms(h, dp['final_norm']['scale'], m.norm_eps) @ dp['lm_head']
 
@@ -241,7 +247,8 @@ VARIANTS = {  # Between them, every option of the mechanism.
         memory_window=1, distinct_memory_tokens=True, ratios=(4, 8), ae_mode='extra',
         ae_weight=0.5),
     'segment_positions_plain_separate_unscored_first': dict(
-        memory_positions='segment', mask='plain', score_first_token=False, shared_weights=False),
+        memory_positions='segment', mask='plain', score_first_token=False, shared_weights=False,
+        memory_gate='tanh'),
 }
 
 

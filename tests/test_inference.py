@@ -41,7 +41,9 @@ def small_cfg(arch='ccf', vocab=VOCAB, **ccf):
 
 
 VARIANTS = {  # name -> (arch, ccf overrides, Engine options, lm_logits memory / ratio)
-    'ccf': ('ccf', {}, dict(prefill_segments=2), 'on', None),  # Prompts encoded 2 segs at a time.
+    # Prompts encoded 2 segments at a time; the gated memory read (memory rows of the cache get a
+    # softmax of their own, apart from its raw rows).
+    'ccf': ('ccf', dict(memory_gate='tanh'), dict(prefill_segments=2), 'on', None),
     # A ring of one segment's memory, text positions, 2 of the 4 memory slots (ratio 8 of 4, 8).
     'ccf_window_positions_ratio': ('ccf', dict(memory_window=1, memory_positions='segment',
                                                ratios=(4, 8)), dict(ratio=8), 'on', 8),

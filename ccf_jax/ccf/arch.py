@@ -242,6 +242,7 @@ def check_config(cfg):
   require(t >= 1, f'ccf.num_segments={t} must be at least 1.')
   for name, options in (('mode', ('pretrain', 'adapter')), ('mask', ('nested', 'plain')),
                         ('memory_positions', ('sequential', 'segment')),
+                        ('memory_gate', ('none', 'tanh')),
                         ('ae_mode', ('off', 'extra', 'alternate')),
                         ('grad_mode', incremental.GRAD_MODES),
                         ('reservoir_semantics', incremental.SEMANTICS),

@@ -87,8 +87,9 @@ class GatedMemory:
     """The rows [start, start + size) of the buffer (a traced start, a static size). Rows keep
     their segment tags, so masks and per-pair gates index them exactly as before."""
     cut = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, start, size, axis)
-    memory = Memory(cut(self.memory.k, 2), cut(self.memory.v, 2), cut(self.memory.segment, 1),
-                    cut(self.memory.valid, 1))
+    memory = self.memory._replace(k=cut(self.memory.k, 2), v=cut(self.memory.v, 2),
+                                  segment=cut(self.memory.segment, 1),
+                                  valid=cut(self.memory.valid, 1))
     delta = None if self.delta is None else self.delta._replace(k=cut(self.delta.k, 2),
                                                                 v=cut(self.delta.v, 2))
     return GatedMemory(memory, delta, self.gate)

@@ -49,6 +49,7 @@ class Memory(NamedTuple):
   v: jax.Array  # [layers, B, R, kv_heads, head_dim].
   segment: jax.Array  # int32[B, R]: the segment each row summarises.
   valid: jax.Array  # bool[B, R]: a real segment's row at this window's ratio.
+  read_gate: jax.Array | None = None  # [layers, heads] tanh(g) (ccf.memory_gate='tanh'), else None.
 
 
 def module_config(cfg) -> ml_collections.ConfigDict:
@@ -123,6 +124,9 @@ class Adapter(nnx.Module):
     self.enc_v = LoRA(cfg, cfg.num_kv_heads, 'kv_heads', rngs)
     self.mem_k = LoRA(cfg, cfg.num_kv_heads, 'kv_heads', rngs)
     self.mem_v = LoRA(cfg, cfg.num_kv_heads, 'kv_heads', rngs)
+    if x.memory_gate == 'tanh':  # Zero: the decoder starts as segment_local (see read_gate).
+      self.memory_gate = nnx.Param(jnp.zeros((cfg.num_layers, cfg.num_heads), jnp.float32),
+                                   out_sharding=('layers', 'heads'))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,6 +213,22 @@ class CCFModel(nnx.Module):
       z = self.encode(x, jnp.repeat(span, n), remat_policy)
     return z.reshape(z.shape[0], b, n, *z.shape[2:])
 
+  def read_gate(self) -> jax.Array | None:
+    """[layers, heads] weight of the decoder's memory read, tanh(g) with g zero at
+    initialisation (`ccf.memory_gate='tanh'`), or None: one softmax over [memory ; raw] (paper).
+
+    Why a gate: trained from scratch, a joint softmax lets up to T*c memory rows of a still
+    random encoder take attention mass from the local tokens from the first step, and the decoder
+    learned worse than segment_local (issue 4's diagnostics). With the gate, memory rows get a
+    softmax of their own whose output is added with weight tanh(g): at g = 0 the decoder is
+    exactly segment_local, g moves only where reading memory lowers the loss (its gradient at 0
+    is the correlation of the read with the loss gradient), and the rows' own gradient grows
+    with it (Flamingo's gated cross-attention, applied per head).
+    """
+    if self.ccf.memory_gate != 'tanh':
+      return None
+    return jnp.tanh(self.adapter.memory_gate[...])
+
   def latents_to_memory(self, z: jax.Array, span: jax.Array, valid_segments: jax.Array,
                         segments: jax.Array | None = None) -> Memory:
     """Latents z [layers, B, n, c, d] -> their projected `Memory` (second half of `compress`)."""
@@ -221,7 +241,7 @@ class CCFModel(nnx.Module):
     k, v = (a.reshape(a.shape[0], b, n * c, *a.shape[3:]) for a in (k, v))
     l = self.ccf.segment_len
     valid = valid_segments[:, :, None] & masks.memory_valid(span, l, c)[:, None, :]
-    return Memory(k, v, jnp.repeat(segments, c, axis=1), valid.reshape(b, n * c))
+    return Memory(k, v, jnp.repeat(segments, c, axis=1), valid.reshape(b, n * c), self.read_gate())
 
   def compress(self, tokens: jax.Array, span: jax.Array, valid_segments: jax.Array,
                segments: jax.Array | None = None) -> Memory:
@@ -255,11 +275,17 @@ def decode_segments(decoder: model_lib.Decoder, ccf_cfg, tokens: jax.Array, span
     else:
       mask = masks.decoder_mask(memory.segment, memory.valid, lo, hi, l).reshape(b * n, l, -1)
       kv = tuple(_per_query_segment(a, n) for a in (memory.k, memory.v))
-      out, _ = decoder.run_layers(x, positions, mask, xs=kv,
-                                  block_kwargs=lambda prefix: {'kv_prefix': prefix},
-                                  remat_policy=remat_policy)
+      out, _ = decoder.run_layers(x, positions, mask, xs=(kv, memory.read_gate),
+                                  block_kwargs=memory_kwargs, remat_policy=remat_policy)
     logits = decoder.logits(out)
   return logits.reshape(b, n, l, -1)
+
+
+def memory_kwargs(xs, memory_rows: int | None = None) -> dict:
+  """Block arguments of one layer's slice of (memory (k, v), read_gate or None)."""
+  kv, gate = xs
+  return {'kv_prefix': kv} if gate is None else {'kv_prefix': kv, 'memory_gate': gate,
+                                                 'memory_rows': memory_rows}
 
 
 def _per_query_segment(a: jax.Array, n: int) -> jax.Array:
