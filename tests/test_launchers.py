@@ -386,7 +386,11 @@ def test_slurm_job_script_runs_under_a_stand_in_srun(tmp_path):
 
 
 # ------------------------------------------------------------------------ training (slow)
-TRAIN_FLAGS = ['--config=experiments/tiny.py', '--config.train.steps=6',
+# tiny.py shrunk (the resume tests' model): what is checked is the distributed run, not the model.
+TRAIN_FLAGS = ['--config=experiments/tiny.py', '--config.model.d_model=64',
+               '--config.model.num_layers=2', '--config.model.head_dim=16',
+               '--config.model.mlp_dim=128', '--config.model.vocab_size=512',
+               '--config.data.seq_len=64', '--config.train.steps=6',
                '--config.train.warmup_steps=2', '--config.train.log_every=1',
                '--config.train.eval_batches=1', '--config.train.time_budget_s=0',
                '--config.mesh.data=8', '--config.mesh.fsdp=1', '--config.mesh.tensor=1']

@@ -91,17 +91,20 @@ def test_time_budget_stops_with_checkpoint(tmp_path, monkeypatch):
 def test_initialisation_priority(tmp_path):
   """resume > init.from_checkpoint > init.params_only > init.from_hf > fresh, through the trainer.
 
-  Each lower-priority source is set to a path that does not exist, so using it would fail."""
+  Each lower-priority source is set to a path that does not exist, so using it would fail. A
+  constant schedule keeps the compiled step independent of train.steps, so the first three runs
+  share one program (the session's compilation cache, see conftest)."""
   from ccf_jax import checkpoint, export
   missing = str(tmp_path / 'does_not_exist')
   a = str(tmp_path / 'a')
-  trainer.train_and_evaluate(small(train__steps=3, train__warmup_steps=1), a)
+  trainer.train_and_evaluate(small(train__steps=3, train__warmup_steps=1,
+                                   train__decay='constant'), a)
   exp = export.export(a, tmp_path / 'a_export')
   params_a = checkpoint.restore_params(os.path.join(a, 'checkpoints', '3'))[0]
 
   # init.from_checkpoint beats params_only / from_hf and continues the step count.
   b = str(tmp_path / 'b')
-  c = small(train__steps=5, train__warmup_steps=1,
+  c = small(train__steps=5, train__warmup_steps=1, train__decay='constant',
             init__from_checkpoint=os.path.join(a, 'checkpoints', '3'),
             init__params_only=missing, init__from_hf=missing)
   c.train.log_every = 1
@@ -109,7 +112,8 @@ def test_initialisation_priority(tmp_path):
   assert sorted(read_losses(b)) == [4, 5]
 
   # Resume from the workdir beats init.from_checkpoint (here a missing path).
-  c = small(train__steps=6, train__warmup_steps=1, init__from_checkpoint=missing)
+  c = small(train__steps=6, train__warmup_steps=1, train__decay='constant',
+            init__from_checkpoint=missing)
   c.train.log_every = 1
   assert trainer.train_and_evaluate(c, b)['final_step'] == 6
   assert sorted(read_losses(b)) == [4, 5, 6]
