@@ -76,6 +76,8 @@ def validate(cfg, num_devices: int | None = None) -> ml_collections.ConfigDict:
            f'model.remat_policy={m.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}.')
   _require(d.mode in ('packed', 'windows'), f"data.mode={d.mode!r}; choose 'packed' or 'windows'.")
   _require(d.task in ('', 'passkey'), f"data.task={d.task!r}; choose '' (corpus text) or 'passkey'.")
+  _require(d.passkey_score in ('answer', 'all'),
+           f"data.passkey_score={d.passkey_score!r}; choose 'answer' or 'all'.")
   _require(d.task != 'passkey' or (d.mode == 'windows' and 2 <= (d.passkey_min_segments or
                                                                   x.num_segments) <= x.num_segments),
            "data.task='passkey' needs data.mode='windows' and data.passkey_min_segments in "

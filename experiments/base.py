@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.task = ''  # '' = the corpus text | 'passkey': synthetic key-in-segment-0 windows (tasks/passkey.py).
   d.passkey_min_segments = 0  # Passkey curriculum: windows start this many segments long (0 = T) ...
   d.passkey_curriculum_steps = 0  # ... and reach T segments after this many steps (0 = always T).
+  d.passkey_score = 'answer'  # Passkey training targets: 'answer' (the key) | 'all' (every token).
 
   # ---------------------------------------------------------------- ccf (used when model.arch != 'decoder')
   x = c.ccf = ml_collections.ConfigDict()

@@ -77,5 +77,12 @@ def test_passkey_source_curriculum_placement_and_determinism():
     assert starts and starts[0] + statement <= l
     np.testing.assert_array_equal(tokens, src[k]['tokens'])  # Deterministic per index.
   assert len({tuple(src[k]['tokens'][:l]) for k in range(8)}) == 8  # Different keys/depths.
+  # score_all: the same windows, every valid token scored, padding still not.
+  dense = passkey.PasskeySource(encode, 1000, T, l, seed=3, bos_id=2, pad_id=0, batch_size=bs,
+                                min_segments=2, curriculum_steps=8, score_all=True)
+  for k in (0, 35):
+    n = src.segments_at(k)
+    np.testing.assert_array_equal(dense[k]['tokens'], src[k]['tokens'])
+    assert dense[k]['loss_mask'][:n * l].all() and not dense[k]['loss_mask'][n * l:].any()
   with pytest.raises(ValueError, match='min_segments'):
     passkey.PasskeySource(encode, 10, T, l, seed=0, bos_id=2, pad_id=0, min_segments=1)

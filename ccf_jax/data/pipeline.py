@@ -328,7 +328,8 @@ def passkey_sources(config, split: str, tok: tokenizer_lib.Tokenizer):
       tok.encode, n, config.ccf.num_segments, config.ccf.segment_len, seed,
       tok.bos_id if tok.bos_id >= 0 else None, tok.pad_id, batch_size=d.batch_size,
       min_segments=d.passkey_min_segments if train else 0,
-      curriculum_steps=d.passkey_curriculum_steps if train else 0)
+      curriculum_steps=d.passkey_curriculum_steps if train else 0,
+      score_all=train and d.passkey_score == 'all')
   info = dict(split=split, mode=d.mode, task='passkey', example_len=example_length(config),
               examples=n, components=[])
   return [src], [1.0], info

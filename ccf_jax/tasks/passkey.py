@@ -140,16 +140,22 @@ class PasskeySource:
   optimizer steps (global example k belongs to step k // batch_size); n = T afterwards, and
   always n = T when curriculum_steps = 0. Reading a key one segment back is easier to discover
   than seven back, and what is learnt there carries over.
+
+  `score_all` (training only, `data.passkey_score='all'`): every token of the window is scored, not
+  only the answer. The answer alone is 5 targets a window, a sparse signal; scored filler and key
+  statement (whose second copy of the key is predictable within segment 0) give the encoder and
+  the auto-encoding loss, which honours the loss mask, something to learn from.
   """
 
   def __init__(self, encode, num_examples: int, num_segments: int, segment_len: int, seed: int,
                bos_id: int | None, pad_id: int, batch_size: int = 1, min_segments: int = 0,
-               curriculum_steps: int = 0, num_digits: int = 5):
+               curriculum_steps: int = 0, num_digits: int = 5, score_all: bool = False):
     self.encode, self.n = encode, int(num_examples)
     self.T, self.l, self.seed = int(num_segments), int(segment_len), int(seed)
     self.bos_id, self.pad_id, self.num_digits = bos_id, int(pad_id), int(num_digits)
     self.batch_size, self.curriculum_steps = max(int(batch_size), 1), int(curriculum_steps)
     self.min_segments = int(min_segments) or self.T
+    self.score_all = bool(score_all)
     if not 2 <= self.min_segments <= self.T:
       raise ValueError(f'passkey min_segments={min_segments} must be in [2, ccf.num_segments='
                        f'{self.T}]: the key sits in segment 0 and the question in the last one.')
@@ -176,5 +182,5 @@ class PasskeySource:
                       self.bos_id)
     tokens = np.full(self.T * self.l, self.pad_id, np.int32)
     mask = np.zeros(self.T * self.l, np.float32)
-    tokens[:n * self.l], mask[:n * self.l] = ex.tokens, ex.loss_mask
+    tokens[:n * self.l], mask[:n * self.l] = ex.tokens, 1.0 if self.score_all else ex.loss_mask
     return dict(tokens=tokens, loss_mask=mask, num_valid_segments=np.int32(n))
