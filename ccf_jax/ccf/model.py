@@ -223,7 +223,9 @@ class CCFModel(nnx.Module):
     softmax of their own whose output is added with weight tanh(g): at g = 0 the decoder is
     exactly segment_local, g moves only where reading memory lowers the loss (its gradient at 0
     is the correlation of the read with the loss gradient), and the rows' own gradient grows
-    with it (Flamingo's gated cross-attention, applied per head).
+    with it (Flamingo's gated cross-attention, applied per head). Measured on tiny_ccf (seed 0,
+    540 steps, ae_mode=off): the gates stayed below 0.06 and held-out loss was 0.029 worse than
+    segment_local's, as without the gate, so it is not the tiny_ccf default.
     """
     if self.ccf.memory_gate != 'tanh':
       return None

@@ -144,7 +144,9 @@ class PasskeySource:
   `score_all` (training only, `data.passkey_score='all'`): every token of the window is scored, not
   only the answer. The answer alone is 5 targets a window, a sparse signal; scored filler and key
   statement (whose second copy of the key is predictable within segment 0) give the encoder and
-  the auto-encoding loss, which honours the loss mask, something to learn from.
+  the auto-encoding loss, which honours the loss mask, something to learn from. Measured with
+  tiny_ccf_passkey + ae_mode=extra in the 30-minute budget: 0.113 per-digit accuracy against 0.191
+  with answer-only targets, so it stays off by default.
   """
 
   def __init__(self, encode, num_examples: int, num_segments: int, segment_len: int, seed: int,
