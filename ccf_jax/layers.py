@@ -130,7 +130,8 @@ class Attention(nnx.Module):
     memory_gate: optional [heads] weights (CCF's `ccf.memory_gate='tanh'`): the first
     `memory_rows` key rows (default: all of kv_prefix) are then read by a softmax of their own,
     added to the rest's as `memory_gate * read`, instead of sharing one softmax with them. A zero
-    gate is exactly attention without those rows.
+    gate is exactly attention without those rows. The mask's last axis then spans every key row
+    (memory, prefix and h's), as the CCF decoder's and the inference cache's masks do.
     """
     q = jnp.einsum('bld,dhk->blhk', h, self._w(self.wq))
     if q_delta is not None:
@@ -144,9 +145,8 @@ class Attention(nnx.Module):
       out = attend(q, k, v, mask)
     else:
       m = kv_prefix[0].shape[1] if memory_rows is None else memory_rows
-      full = jnp.broadcast_to(mask, (*mask.shape[:-1], k.shape[1]))
-      read = attend(q, k[:, :m], v[:, :m], full[..., :m])
-      out = attend(q, k[:, m:], v[:, m:], full[..., m:])
+      read = attend(q, k[:, :m], v[:, :m], mask[..., :m])
+      out = attend(q, k[:, m:], v[:, m:], mask[..., m:])
       out = out + read * memory_gate.astype(read.dtype)[:, None]
     out = jnp.einsum('blhk,hkd->bld', out, self._w(self.wo))
     return sharding.constrain(out, ('batch', 'length', 'embed'))

@@ -217,9 +217,9 @@ class CCFModel(nnx.Module):
     """[layers, heads] weight of the decoder's memory read, tanh(g) with g zero at
     initialisation (`ccf.memory_gate='tanh'`), or None: one softmax over [memory ; raw] (paper).
 
-    Why a gate: trained from scratch, a joint softmax lets up to T*c memory rows of a still
-    random encoder take attention mass from the local tokens from the first step, and the decoder
-    learned worse than segment_local (issue 4's diagnostics). With the gate, memory rows get a
+    Why a gate (a hypothesis it tested): trained from scratch, a joint softmax lets up to T*c
+    memory rows of a still random encoder take attention mass from the local tokens from the
+    first step, which might be why the decoder learned worse than segment_local. With the gate, memory rows get a
     softmax of their own whose output is added with weight tanh(g): at g = 0 the decoder is
     exactly segment_local, g moves only where reading memory lowers the loss (its gradient at 0
     is the correlation of the read with the loss gradient), and the rows' own gradient grows
