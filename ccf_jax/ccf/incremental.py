@@ -23,10 +23,11 @@ the decoding of segment t, "memory s" the latents z_s the encoder produced from 
    to the decoder and learns from every memory row, as in the released code, where only the
    detached z_s -> encoder link is cut.
    * full: no gate.
-   * reservoir, final: one gate per segment. The encoder runs on stop-gradient parameters over all
-     segments (no residuals kept; in `lax.map` chunks of `ccf.encoder_map_batch` segments so its
-     transient activations stay bounded) and again, with residuals, over only the S segments of the
-     final reservoir; their zero-valued difference z - sg(z) is scattered into the latents, so the
+   * reservoir, final: one gate per segment. The S segments of the final reservoir run through
+     the live encoder, with residuals; the other T - S (gathered: a static count) through the
+     encoder on stop-gradient parameters, which keeps no residuals (in `lax.map` chunks of
+     `ccf.encoder_map_batch` segments so its transient activations stay bounded). Both are
+     scattered into one latent buffer. Every segment is encoded once, as in `full`, and the
      encoder's backward cost and memory scale with S, not T.
    * truncated, reservoir streaming: one gate per pair. Every row is projected twice: from sg(z)
      with live weights (the value, and the projection's gradient from every loss) and from z with
@@ -107,29 +108,55 @@ class GatedMemory:
 
 
 def latents_without_residuals(ccf_cfg, frozen: CCFModel, tokens, span) -> jax.Array:
-  """Latents [layers, B, T, c, d] of every segment from stop-gradient parameters: autodiff keeps no
-  residuals. With `encoder_map_batch` m < T, a `lax.map` over T/m chunks of m segments keeps only
-  one chunk's activations alive at a time."""
-  b, t, l = tokens.shape
-  m = ccf_cfg.encoder_map_batch or t
-  if m >= t:
-    return sg(frozen.latents(tokens, span))
-  z = jax.lax.map(lambda tok: frozen.latents(tok, span),
-                  tokens.reshape(b, t // m, m, l).swapaxes(0, 1))  # [T/m, layers, B, m, c, d]
-  z = jnp.moveaxis(z, 0, 2)
-  return sg(z.reshape(z.shape[0], b, t, *z.shape[4:]))
+  """Latents [layers, B, n, c, d] of the n segments tokens int32[B, n, l] from stop-gradient
+  parameters: autodiff keeps no residuals. With `encoder_map_batch` m < n, a `lax.map` over n // m
+  chunks of m segments (then one call on the n % m left over) keeps only one chunk's activations
+  alive at a time."""
+  b, n, l = tokens.shape
+  m = min(ccf_cfg.encoder_map_batch or n, n)
+  whole = n // m * m
+  parts = []
+  if whole:
+    z = jax.lax.map(lambda tok: frozen.latents(tok, span),
+                    tokens[:, :whole].reshape(b, whole // m, m, l).swapaxes(0, 1))
+    z = jnp.moveaxis(z, 0, 2)  # [layers, B, n // m, m, c, d]
+    parts.append(z.reshape(z.shape[0], b, whole, *z.shape[4:]))
+  if n > whole:
+    parts.append(frozen.latents(tokens[:, whole:], span))
+  return sg(parts[0] if len(parts) == 1 else jnp.concatenate(parts, 2))
 
 
-def add_gradient_path(z, z_live, picked, weight):
-  """z [layers, B, T, c, d] (no gradient) plus, at segments picked int32[B, S] (-1: empty slot),
-  the zero-valued weight[b] * (z_live - sg(z_live)): the value stays z exactly, whatever was
-  sampled, and the rows' gradient reaches the encoder through z_live [layers, B, S, c, d],
-  scaled."""
-  t = z.shape[2]
-  delta = (z_live - sg(z_live)) * weight.astype(z.dtype)[None, :, None, None, None]
+def unpicked(picked: jax.Array, num_segments: int) -> jax.Array:
+  """int32[B, T - S]: per window, the first T - S segments (ascending) that are not in the
+  reservoir picked int32[B, S] (-1: empty slot). A slot is empty only when fewer than S segments
+  are valid, and then every valid segment is picked, so the segments this leaves out are padding."""
+  t, size = num_segments, picked.shape[1]
+  def one(p):
+    member = jnp.zeros((t,), bool).at[jnp.where(p >= 0, p, t)].set(True, mode='drop')
+    return jnp.argsort(member, stable=True)[:t - size].astype(jnp.int32)  # Non-members first.
+  return jax.vmap(one)(picked)
+
+
+def final_reservoir_latents(ccf_cfg, live: CCFModel, frozen: CCFModel, tokens, span, picked,
+                            weight, policy) -> jax.Array:
+  """Latents [layers, B, T, c, d] under reservoir_semantics='final': the S picked segments
+  (int32[B, S], -1: empty) through the live encoder with residuals, their gradient scaled by
+  weight[b] and their value unchanged; the other T - S through the stop-gradient encoder. Each
+  segment is encoded once, so the forward encoder cost is that of `full`; only the S picked keep
+  residuals. Segments left unset (padding, when slots are empty) stay zero: they make no memory."""
+  b, t, _ = tokens.shape
+  gather = lambda idx: jnp.take_along_axis(tokens, jnp.maximum(idx, 0)[..., None], 1)
+  z_live = live.latents(gather(picked), span, policy)  # [layers, B, S, c, d]
+  z_live = sg(z_live) + (z_live - sg(z_live)) * weight.astype(z_live.dtype)[None, :, None, None,
+                                                                            None]
+  z = jnp.zeros(z_live.shape[:2] + (t,) + z_live.shape[3:], z_live.dtype)
+  put = lambda zb, ib, vb: zb.at[:, ib].set(vb, mode='drop')
+  if t > picked.shape[1]:
+    rest = unpicked(picked, t)
+    z = jax.vmap(put, in_axes=(1, 0, 1), out_axes=1)(
+        z, rest, latents_without_residuals(ccf_cfg, frozen, gather(rest), span))
   index = jnp.where(picked >= 0, picked, t)  # Out of range: dropped.
-  add = lambda zb, db, ib: zb.at[:, ib].add(db, mode='drop')
-  return jax.vmap(add, in_axes=(1, 1, 0), out_axes=1)(z, delta, index)
+  return jax.vmap(put, in_axes=(1, 0, 1), out_axes=1)(z, index, z_live)
 
 
 def gated_memory(cfg, params, tokens, valid, span, key) -> GatedMemory:
@@ -147,12 +174,9 @@ def gated_memory(cfg, params, tokens, valid, span, key) -> GatedMemory:
   if x.grad_mode == 'reservoir':
     picked, membership = draw_reservoirs(key, x, num_valid)
     if x.reservoir_semantics == 'final':
-      z = latents_without_residuals(x, frozen, tokens, span)
-      z_live = live.latents(jnp.take_along_axis(tokens, jnp.maximum(picked, 0)[..., None], 1),
-                            span, policy)
       weight = (reservoir.compensation_final(num_valid, size) if x.compensate
                 else jnp.ones((b,), jnp.float32))
-      z = add_gradient_path(z, z_live, picked, weight)
+      z = final_reservoir_latents(x, live, frozen, tokens, span, picked, weight, policy)
       return GatedMemory(live.latents_to_memory(z, span, valid))
     gate = jax.vmap(reservoir.streaming_mask)(membership).astype(jnp.float32)
     if x.compensate:
@@ -253,7 +277,8 @@ def train_flops(cfg, batch_size: int) -> float:
   per_pair = x.grad_mode == 'truncated' or (x.grad_mode == 'reservoir'
                                             and x.reservoir_semantics == 'streaming')
   if x.grad_mode == 'reservoir' and x.reservoir_semantics == 'final':
-    encoder = f['encoder'] * (1.0 + enc_train * size / t)  # No-residual pass + S live segments.
+    # T - S segments through the no-residual pass, S live: one forward each, then S backwards.
+    encoder = f['encoder'] * (1.0 + (enc_train - 1.0) * size / t)
   else:
     encoder = f['encoder'] * enc_train
   project = f['project'] * (4.0 if per_pair else 3.0)  # Two projections, each one backward path.
