@@ -50,8 +50,10 @@ def compiled_memory(compiled) -> dict:
           'output_bytes': int(ma.output_size_in_bytes), 'alias_bytes': int(ma.alias_size_in_bytes)}
 
 
-def bench_train(config, steps: int | None = None) -> dict:
-  """Times the real jitted train step on synthetic tokens shaped like the config's batches."""
+def bench_train(config, steps: int | None = None, repeats: int = 1) -> dict:
+  """Times the real jitted train step on synthetic tokens shaped like the config's batches:
+  `repeats` blocks of `steps` steps after a warm-up step; step_s is the fastest block's mean (as
+  `timeit` takes the best repeat: other load on the machine only ever adds time)."""
   import jax
   import numpy as np
 
@@ -73,11 +75,13 @@ def bench_train(config, steps: int | None = None) -> dict:
     compile_s = time.time() - t
     state, m = compiled(state, dev_batch)
     jax.block_until_ready(m)
-    t = time.time()
-    for _ in range(steps):
-      state, m = compiled(state, dev_batch)
-    jax.block_until_ready(m)
-    dt = (time.time() - t) / steps
+    dt = float('inf')
+    for _ in range(repeats):
+      t = time.time()
+      for _ in range(steps):
+        state, m = compiled(state, dev_batch)
+      jax.block_until_ready(m)
+      dt = min(dt, (time.time() - t) / steps)
   flops = arch.train_flops(config, config.data.batch_size)
   tokens = config.data.batch_size * length
   return {'bench': 'train', 'config': config.name, 'arch': config.model.arch,

@@ -13,10 +13,13 @@ same window. One JSON object per configuration:
                  backward and remat recomputation included; XLA's cost_analysis counts a scan body
                  once, so it is never used for scanned code); model_flops: the objective's (full
                  back-propagation, no recomputation);
-  step_s         measured seconds per step: the mean of STEPS steps after a warm-up step.
+  step_s         measured seconds per step: the fastest of REPEATS blocks of STEPS steps (each
+                 block's mean) after a warm-up step.
 A last object ('memory_targets') evaluates the issue's targets for `reservoir_final` (S=2) from
 the rows above. `--memory_modes=reservoir_final,full_remat --memory_steps=20` re-measures just the
-step-time target, with less noise (on a shared 2-core machine 5 steps vary by 10-30%).
+step-time target, with less noise (on a shared 2-core machine one block of 5 steps varies by
+10-30%). Even the best of REPEATS blocks of 20 steps moved a ratio by up to 0.15 between two sweeps
+here (steps of 40-130 ms, where per-op overhead weighs as much as arithmetic).
 
 The model is `config` when its arch is 'ccf'; any other config (the default, experiments/tiny.py)
 means `bench_model()`, a tiny CCF model sized so that the whole sweep (44 compilations, which
@@ -32,6 +35,7 @@ from absl import flags
 
 T_VALUES = (4, 8, 16, 32)
 STEPS = 5
+REPEATS = 3
 _MODES = flags.DEFINE_list('memory_modes', None, 'bench memory: only these MODES (and '
                            'full_attention if listed); default all.')
 _STEPS = flags.DEFINE_integer('memory_steps', STEPS, 'bench memory: timed steps per configuration '
@@ -92,7 +96,7 @@ def _configured(base, num_segments: int, arch: str, model: dict,
 def _measure(cfg, mode: str, steps: int) -> dict:
   from ccf_jax import arch as arch_lib, bench
   from ccf_jax.ccf import incremental
-  rec = bench.bench_train(cfg, steps)
+  rec = bench.bench_train(cfg, steps, REPEATS)
   x = cfg.ccf
   ccf = cfg.model.arch == 'ccf'
   out = {'bench': 'memory', 'mode': mode, 'T': x.num_segments,
