@@ -358,3 +358,23 @@ def test_analytic_flops_follow_the_mode():
   remat = incremental.train_flops(small_cfg(decoder_remat='full', encoder_remat='full',
                                             decoder_segment_chunk=1), B)
   assert remat == pytest.approx(full + f['encoder'] + f['decoder'])
+
+
+def test_no_residual_encoder_pass_with_a_remainder_chunk_equals_one_batched_pass():
+  """encoder_map_batch m need not divide the segments it gets (reservoir final hands it T - S):
+  n // m mapped chunks plus one call on the rest give the latents of one batched call."""
+  model = model_lib.bind(module_config(CFG), params(), arch_lib.get_arch(CFG).module_cls)
+  tokens = jnp.asarray(BATCH['tokens']).reshape(B, T, L_SEG)[:, :3]
+  span = jnp.full((B,), L_SEG // C, jnp.int32)
+  cfg = small_cfg(encoder_map_batch=2).ccf
+  got = jit(lambda tok: incremental.latents_without_residuals(cfg, model, tok, span))(tokens)
+  want = jit(lambda tok: model.latents(tok, span))(tokens)
+  assert got.shape == want.shape == (want.shape[0], B, 3) + want.shape[3:]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_unpicked_is_the_ascending_complement_of_the_reservoir():
+  picked = np.array([[2, 0], [3, -1], [1, 3]], np.int32)  # -1: an empty slot.
+  got = np.asarray(jit(lambda p: incremental.unpicked(p, 5))(picked))
+  want = [sorted(set(range(5)) - set(row))[:3] for row in picked.tolist()]
+  assert got.tolist() == want
