@@ -354,7 +354,7 @@ def test_analytic_flops_follow_the_mode():
   assert full == pytest.approx(ccf_arch.ccf_train_flops(small_cfg(), B))
   f = ccf_arch.ccf_forward_flops(small_cfg(), B)
   final = incremental.train_flops(small_cfg(grad_mode='reservoir', reservoir_size=1), B)
-  assert final == pytest.approx(full - f["encoder"] * (3 - 1 - 2 / T))  # Each segment encoded once.
+  assert final == pytest.approx(full - f['encoder'] * (3 - 1 - 2 / T))  # Each segment encoded once.
   remat = incremental.train_flops(small_cfg(decoder_remat='full', encoder_remat='full',
                                             decoder_segment_chunk=1), B)
   assert remat == pytest.approx(full + f['encoder'] + f['decoder'])

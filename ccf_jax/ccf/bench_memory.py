@@ -18,7 +18,7 @@ same window. One JSON object per configuration:
 A last object ('memory_targets') evaluates the issue's targets for `reservoir_final` (S=2) from
 the rows above. `--memory_modes=reservoir_final,full_remat --memory_steps=20` re-measures just the
 step-time target, with less noise (on a shared 2-core machine one block of 5 steps varies by
-10-30%). Even the best of REPEATS blocks of 20 steps moved a ratio by up to 0.15 between two sweeps
+10-30%). Even the best of REPEATS blocks of 20 steps moved a ratio by up to 0.2 between two runs
 here (steps of 40-130 ms, where per-op overhead weighs as much as arithmetic).
 
 The model is `config` when its arch is 'ccf'; any other config (the default, experiments/tiny.py)

@@ -131,9 +131,8 @@ def unpicked(picked: jax.Array, num_segments: int) -> jax.Array:
   reservoir picked int32[B, S] (-1: empty slot). A slot is empty only when fewer than S segments
   are valid, and then every valid segment is picked, so the segments this leaves out are padding."""
   t, size = num_segments, picked.shape[1]
-  def one(p):
-    member = jnp.zeros((t,), bool).at[jnp.where(p >= 0, p, t)].set(True, mode='drop')
-    return jnp.argsort(member, stable=True)[:t - size].astype(jnp.int32)  # Non-members first.
+  def one(p):  # A stable sort puts the non-members first, in ascending order.
+    return jnp.argsort(reservoir.final_mask(p, t), stable=True)[:t - size].astype(jnp.int32)
   return jax.vmap(one)(picked)
 
 
@@ -147,8 +146,8 @@ def final_reservoir_latents(ccf_cfg, live: CCFModel, frozen: CCFModel, tokens, s
   b, t, _ = tokens.shape
   gather = lambda idx: jnp.take_along_axis(tokens, jnp.maximum(idx, 0)[..., None], 1)
   z_live = live.latents(gather(picked), span, policy)  # [layers, B, S, c, d]
-  z_live = sg(z_live) + (z_live - sg(z_live)) * weight.astype(z_live.dtype)[None, :, None, None,
-                                                                            None]
+  w = weight.astype(z_live.dtype)[None, :, None, None, None]
+  z_live = sg(z_live) + w * (z_live - sg(z_live))
   z = jnp.zeros(z_live.shape[:2] + (t,) + z_live.shape[3:], z_live.dtype)
   put = lambda zb, ib, vb: zb.at[:, ib].set(vb, mode='drop')
   if t > picked.shape[1]:
