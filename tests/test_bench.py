@@ -43,3 +43,30 @@ def test_every_subcommand_module_imports_with_the_dispatcher():
                         ('efficiency', 'steps')):
     r = _bench(sub, '--helpfull')
     assert 'Traceback' not in r.stderr and own_flag in r.stdout, (sub, r.stderr[-3000:])
+
+
+def test_bench_memory_times_configurations_in_alternating_rounds():
+  # In process, on the plain decoder (its step compiles in about a second; CCF steps take ~10 s).
+  from experiments import tiny
+  from ccf_jax.ccf import bench_memory
+  c = tiny.get_config()
+  m = c.model
+  m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim, m.vocab_size = (
+      32, 1, 4, 2, 8, 64, 64)
+  c.model.arch, c.data.mode = 'full_attention', 'windows'
+  c.ccf.segment_len, c.ccf.num_segments, c.ccf.num_memory, c.data.batch_size = 16, 2, 4, 8
+  wide = bench_memory._configured(c, 2, 'full_attention', {'mlp_dim': 256}, {})
+  rows = bench_memory._measure_together({'narrow': c, 'wide': wide}, steps=1, repeats=3)
+  assert [r['mode'] for r in rows] == ['narrow', 'wide']
+  for r in rows:  # One block per round; step_s is the fastest.
+    assert r['window_tokens'] == 32 and len(r['block_s']) == 3
+    assert r['step_s'] == min(r['block_s']) and r['temp_bytes'] > 0
+  assert rows[1]['flops'] > rows[0]['flops']
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+  from ccf_jax.ccf import bench_memory
+  res = {'block_s': [1.0, 2.0, 6.0], 'step_s': 1.0}
+  ref = {'block_s': [2.0, 2.0, 4.0], 'step_s': 2.0}
+  assert bench_memory.paired_ratio(res, ref) == 1.0  # Ratios 0.5, 1.0, 1.5.
+  assert bench_memory.paired_ratio({'step_s': 1.0}, ref) == 0.5  # Measured apart: fastest blocks.

@@ -85,8 +85,11 @@ def test_memory_helps_on_real_text():
   c.data.batch_size = 8
   c.train.warmup_steps, c.train.log_every, c.train.eval_batches = 10, 50, 1
   c.checkpoint.every = 100000
-  c_ccf, p_ccf, s_ccf, _ = bench_signal._train(c, 'ccf', seed=0, steps=150)
+  c_ccf, p_ccf, s_ccf, _, kept = bench_signal._train(c, 'ccf', seed=0, steps=150, curve_every=75)
   assert s_ccf['final_step'] == 150
+  assert sorted(kept) == [75, 150]  # The learning curve's checkpoints; the last is the final one.
+  assert jax.tree.all(jax.tree.map(np.array_equal, kept[150], p_ccf))
+  assert not jax.tree.all(jax.tree.map(np.array_equal, kept[75], p_ccf))
   on = bench_signal.heldout(c_ccf, p_ccf, 'on', 4)
   off = bench_signal.heldout(c_ccf, p_ccf, 'off', 4)
   d = off - on  # Same windows, same weights: paired.

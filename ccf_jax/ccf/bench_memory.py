@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 
 import ml_collections
+import numpy as np
 from absl import flags
 
 T_VALUES = (4, 8, 16, 32)
@@ -38,6 +39,8 @@ STEPS = 5
 REPEATS = 3
 _MODES = flags.DEFINE_list('memory_modes', None, 'bench memory: only these MODES (and '
                            'full_attention if listed); default all.')
+_TS = flags.DEFINE_list('memory_t', None, 'bench memory: these T (segments per window) instead of '
+                        f'{list(T_VALUES)}.')
 _STEPS = flags.DEFINE_integer('memory_steps', STEPS, 'bench memory: timed steps per configuration '
                               '(more steps, less noise in step_s; compilation dominates anyway).')
 # Remat everywhere: encoder layers, each decoder chunk step (or the layers of a single chunk), and
@@ -50,9 +53,12 @@ MODES = {  # name -> {'model': overrides, 'ccf': overrides}.
     'full': NO_REMAT,
     'full_remat': REMAT,
     'truncated': dict(REMAT, ccf=dict(REMAT['ccf'], grad_mode='truncated', reservoir_size=2)),
+    # The final reservoir keeps encoder residuals for its S live segments only (the other T - S
+    # run without residuals), so their memory is already bounded by S: remat on them would buy
+    # S segments' activations for S more encoder forwards. Its decoder is remat'd as full_remat's.
     'reservoir_final': dict(REMAT, ccf=dict(
         REMAT['ccf'], grad_mode='reservoir', reservoir_semantics='final', reservoir_size=2,
-        compensate=True, encoder_map_batch=4)),
+        compensate=True, encoder_map_batch=4, encoder_remat='none')),
     'reservoir_streaming': dict(REMAT, ccf=dict(
         REMAT['ccf'], grad_mode='reservoir', reservoir_semantics='streaming', reservoir_size=2,
         compensate=True)),
@@ -93,10 +99,10 @@ def _configured(base, num_segments: int, arch: str, model: dict,
   return cfg
 
 
-def _measure(cfg, mode: str, steps: int) -> dict:
-  from ccf_jax import arch as arch_lib, bench
+def _record(cfg, mode: str, timer, blocks: list[float]) -> dict:
+  from ccf_jax import arch as arch_lib
   from ccf_jax.ccf import incremental
-  rec = bench.bench_train(cfg, steps, REPEATS)
+  rec = timer.record(min(blocks))
   x = cfg.ccf
   ccf = cfg.model.arch == 'ccf'
   out = {'bench': 'memory', 'mode': mode, 'T': x.num_segments,
@@ -106,9 +112,32 @@ def _measure(cfg, mode: str, steps: int) -> dict:
          'flops': incremental.train_flops(cfg, rec['batch']) if ccf else
                   arch_lib.get_arch(cfg).train_flops(cfg, rec['batch']),
          'model_flops': arch_lib.get_arch(cfg).train_flops(cfg, rec['batch']),
-         'step_s': rec['step_s'], 'compile_s': rec['compile_s']}
+         'step_s': rec['step_s'], 'block_s': [round(b, 5) for b in blocks],
+         'compile_s': rec['compile_s']}
   logging.info('bench memory: %s', out)
   return out
+
+
+def _measure_together(cfgs: dict, steps: int, repeats: int = REPEATS) -> list[dict]:
+  """Times the configurations {mode: cfg} in alternating blocks (round robin, `repeats` rounds of
+  `steps` steps each), so that a change in the machine's load lands on every mode of the round;
+  each row keeps its blocks, and its step_s is the fastest."""
+  from ccf_jax import bench
+  timers = {mode: bench.TrainTimer(cfg) for mode, cfg in cfgs.items()}
+  blocks = {mode: [] for mode in cfgs}
+  for _ in range(repeats):
+    for mode, timer in timers.items():
+      blocks[mode].append(timer.block(steps))
+  return [_record(cfgs[mode], mode, timers[mode], blocks[mode]) for mode in cfgs]
+
+
+def paired_ratio(res: dict, ref: dict) -> float:
+  """Median over rounds of res / ref block times (the two timed in the same rounds), falling back
+  to the ratio of the fastest blocks for rows measured apart."""
+  a, b = res.get('block_s'), ref.get('block_s')
+  if a and b and len(a) == len(b):
+    return float(np.median(np.asarray(a) / np.asarray(b)))
+  return res['step_s'] / ref['step_s']
 
 
 def targets(rows: list[dict]) -> dict:
@@ -116,21 +145,24 @@ def targets(rows: list[dict]) -> dict:
   get = lambda mode, t, k: next((r for r in rows if r['mode'] == mode and r['T'] == t
                                  and r['k'] == (t if k == 'T' else k)), None)
   out = {'bench': 'memory_targets'}
+  t_values = sorted({r['T'] for r in rows})
+  if not t_values:
+    return out
   for k in ('1', 'T'):
     kk = 1 if k == '1' else 'T'
-    lo, hi = get('reservoir_final', min(T_VALUES), kk), get('reservoir_final', max(T_VALUES), kk)
-    if lo and hi:
+    lo, hi = get('reservoir_final', t_values[0], kk), get('reservoir_final', t_values[-1], kk)
+    if lo and hi and hi is not lo:
       out[f'k={k}: temp T={hi["T"]} / T={lo["T"]} (target <= 1.5)'] = round(
           hi['temp_bytes'] / lo['temp_bytes'], 3)
     res, full = get('reservoir_final', 16, kk), get('full', 16, kk)
     if res and full:
       out[f'k={k}: temp at T=16 / full without remat (target <= 0.5)'] = round(
           res['temp_bytes'] / full['temp_bytes'], 3)
-    for t in T_VALUES:
+    for t in t_values:
       res, remat = get('reservoir_final', t, kk), get('full_remat', t, kk)
       if res and remat:
         out[f'k={k}: step time at T={t} / full with remat (target <= 0.8)'] = round(
-            res['step_s'] / remat['step_s'], 3)
+            paired_ratio(res, remat), 3)
   return out
 
 
@@ -140,6 +172,7 @@ def bench_memory(config, t_values=T_VALUES, steps: int = STEPS) -> list[dict]:
   wanted = set(MODES) | {'full_attention'}
   if flags.FLAGS.is_parsed():
     steps = _STEPS.value if steps == STEPS else steps
+    t_values = tuple(int(t) for t in _TS.value) if _TS.value else t_values
     if _MODES.value:
       unknown = set(_MODES.value) - wanted
       if unknown:
@@ -147,11 +180,11 @@ def bench_memory(config, t_values=T_VALUES, steps: int = STEPS) -> list[dict]:
       wanted = set(_MODES.value)
   rows = []
   for t in t_values:
-    for mode, over in MODES.items():
-      for k in sorted({1, t}) if mode in wanted else ():
-        cfg = _configured(base, t, 'ccf', over['model'], dict(over['ccf'], decoder_segment_chunk=k))
-        rows.append(_measure(cfg, mode, steps))
+    for k in sorted({1, t}):
+      rows += _measure_together({
+          mode: _configured(base, t, 'ccf', over['model'], dict(over['ccf'], decoder_segment_chunk=k))
+          for mode, over in MODES.items() if mode in wanted}, steps)
     if 'full_attention' in wanted:
-      rows.append(_measure(_configured(base, t, 'full_attention', NO_REMAT['model'], {}),
-                           'full_attention', steps))
+      rows += _measure_together({'full_attention': _configured(base, t, 'full_attention',
+                                                               NO_REMAT['model'], {})}, steps)
   return rows + [targets(rows)]

@@ -53,6 +53,9 @@ _FULL = flags.DEFINE_bool('signal_full_attention', True, 'Also train full_attent
 _PASSKEY_BASELINE = flags.DEFINE_bool(
     'passkey_train_baseline', True, 'bench passkey: also train segment_local for the same steps '
     '(it cannot see the key; the CCF model with memory off is the same-weights control).')
+_CURVE = flags.DEFINE_integer(
+    'signal_curve_every', 0, 'bench signal: also score the checkpoint every N steps of ccf and '
+    'segment_local (a learning curve on one schedule; 0 = final step only).')
 _EQUAL_TIME = flags.DEFINE_bool('signal_equal_time', True,
                                 'Also train segment_local for CCF\'s wall time (bench signal).')
 
@@ -82,7 +85,11 @@ def heldout(cfg, params, memory: str, max_batches: int) -> np.ndarray:
   return s[n > 0] / n[n > 0]
 
 
-def _train(cfg, arch: str, seed: int, steps: int | None = None, budget_s: float = 0.0):
+def _train(cfg, arch: str, seed: int, steps: int | None = None, budget_s: float = 0.0,
+           curve_every: int = 0):
+  """Trains one model; returns (config, final params, summary, wall s, {step: params} kept every
+  `curve_every` steps (empty when 0))."""
+  from ccf_jax import checkpoint
   c = copy.deepcopy(cfg)
   c.model.arch = arch
   c.train.seed = seed
@@ -93,13 +100,35 @@ def _train(cfg, arch: str, seed: int, steps: int | None = None, budget_s: float 
   c.train.eval_every = 0
   c.mesh.num_devices = 1
   c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 1
+  if curve_every:
+    c.checkpoint.every = c.checkpoint.keep_every = curve_every
   with tempfile.TemporaryDirectory() as wd:
     t = time.time()
     summary = trainer.train_and_evaluate(c, wd)
     wall = time.time() - t
-    from ccf_jax import checkpoint
-    params, _ = checkpoint.restore_params(os.path.join(wd, 'checkpoints', str(summary['final_step'])))
-  return c, params, summary, wall
+    ckpts = os.path.join(wd, 'checkpoints')
+    params, _ = checkpoint.restore_params(os.path.join(ckpts, str(summary['final_step'])))
+    kept = {}
+    for step in sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if curve_every else ():
+      if step % curve_every == 0 or step == summary['final_step']:
+        kept[step] = checkpoint.restore_params(os.path.join(ckpts, str(step)))[0]
+  return c, params, summary, wall, kept
+
+
+def learning_curve(c_ccf, kept_ccf, c_sl, kept_sl, max_batches: int) -> list:
+  """Held-out t > 0 losses at each step both runs kept: ccf on/off, segment_local, and the paired
+  differences (by window, same data order) with their standard errors."""
+  out = []
+  for step in sorted(set(kept_ccf) & set(kept_sl)):
+    on = heldout(c_ccf, kept_ccf[step], 'on', max_batches)
+    off = heldout(c_ccf, kept_ccf[step], 'off', max_batches)
+    sl = heldout(c_sl, kept_sl[step], 'off', max_batches)
+    out.append({'bench': 'signal_curve', 'step': step, 'ccf': _stats(on)['mean'],
+                'ccf_memory_off': _stats(off)['mean'], 'segment_local': _stats(sl)['mean'],
+                'segment_local_minus_ccf': _stats(sl - on),
+                'memory_effect_off_minus_on': _stats(off - on)})
+    print(out[-1], flush=True)
+  return out
 
 
 def _stats(x: np.ndarray) -> dict:
@@ -111,18 +140,22 @@ def bench_signal(config) -> list:
   out, per_seed = [], []
   for seed in range(_SEEDS.value):
     rec = {'seed': seed}
-    c_ccf, p_ccf, s_ccf, wall_ccf = _train(config, 'ccf', seed)
+    curve = _CURVE.value
+    c_ccf, p_ccf, s_ccf, wall_ccf, kept_ccf = _train(config, 'ccf', seed, curve_every=curve)
     rec['ccf'] = heldout(c_ccf, p_ccf, 'on', _WINDOWS.value)
     rec['ccf_memory_off'] = heldout(c_ccf, p_ccf, 'off', _WINDOWS.value)
-    c_sl, p_sl, s_sl, wall_sl = _train(config, 'segment_local', seed, steps=s_ccf['final_step'])
+    c_sl, p_sl, s_sl, wall_sl, kept_sl = _train(config, 'segment_local', seed,
+                                                steps=s_ccf['final_step'], curve_every=curve)
     rec['segment_local'] = heldout(c_sl, p_sl, 'off', _WINDOWS.value)
+    out += [dict(r, seed=seed) for r in learning_curve(c_ccf, kept_ccf, c_sl, kept_sl,
+                                                        _WINDOWS.value)]
     runs = {'ccf': (s_ccf, wall_ccf), 'segment_local': (s_sl, wall_sl)}
     if _FULL.value:
-      c_fa, p_fa, s_fa, wall_fa = _train(config, 'full_attention', seed, steps=s_ccf['final_step'])
+      c_fa, p_fa, s_fa, wall_fa, _ = _train(config, 'full_attention', seed, steps=s_ccf['final_step'])
       rec['full_attention'] = heldout(c_fa, p_fa, 'off', _WINDOWS.value)
       runs['full_attention'] = (s_fa, wall_fa)
     if _EQUAL_TIME.value:
-      c_eq, p_eq, s_eq, wall_eq = _train(config, 'segment_local', seed, steps=100000,
+      c_eq, p_eq, s_eq, wall_eq, _ = _train(config, 'segment_local', seed, steps=100000,
                                          budget_s=s_ccf['phases']['train'])
       rec['segment_local_equal_time'] = heldout(c_eq, p_eq, 'off', _WINDOWS.value)
       runs['segment_local_equal_time'] = (s_eq, wall_eq)
@@ -181,11 +214,11 @@ def bench_passkey(config) -> list:
     raise ValueError("bench passkey needs a passkey config (data.task='passkey'), e.g. "
                      '--config=experiments/tiny_ccf_passkey.py.')
   out = []
-  c_ccf, p_ccf, s_ccf, wall = _train(config, 'ccf', int(config.train.seed),
+  c_ccf, p_ccf, s_ccf, wall, _ = _train(config, 'ccf', int(config.train.seed),
                                      budget_s=config.train.time_budget_s)
   runs = [('ccf', c_ccf, p_ccf, s_ccf, wall, 'on'), ('ccf_memory_off', c_ccf, p_ccf, s_ccf, wall, 'off')]
   if _PASSKEY_BASELINE.value:
-    c_sl, p_sl, s_sl, wall_sl = _train(config, 'segment_local', int(config.train.seed),
+    c_sl, p_sl, s_sl, wall_sl, _ = _train(config, 'segment_local', int(config.train.seed),
                                        steps=s_ccf['final_step'])
     runs.append(('segment_local', c_sl, p_sl, s_sl, wall_sl, 'off'))
   for name, c, p, s, w, memory in runs:
