@@ -14,16 +14,20 @@ same window. One JSON object per configuration:
                  once, so it is never used for scanned code); model_flops: the objective's (full
                  back-propagation, no recomputation);
   step_s         measured seconds per step: the fastest of REPEATS blocks of STEPS steps (each
-                 block's mean) after a warm-up step.
+                 block's mean) after a warm-up step; block_s lists the blocks.
+The modes of one (T, k) are compiled together (`bench.TrainTimer`) and timed in alternating rounds,
+one block each per round, so that a change in the machine's load lands on all of them alike.
 A last object ('memory_targets') evaluates the issue's targets for `reservoir_final` (S=2) from
-the rows above. `--memory_modes=reservoir_final,full_remat --memory_steps=20` re-measures just the
-step-time target, with less noise (on a shared 2-core machine one block of 5 steps varies by
-10-30%). Even the best of REPEATS blocks of 20 steps moved a ratio by up to 0.2 between two runs
-here (steps of 40-130 ms, where per-op overhead weighs as much as arithmetic).
+the rows above; its step-time ratios are medians over rounds of the per-round ratio. On a shared
+2-core machine one block of 5 steps varies by 10-30%, and before the rounds were paired the best
+of 3 blocks of 20 steps still moved a ratio by up to 0.2 between two runs (steps of 40-130 ms,
+where per-op overhead weighs as much as arithmetic); paired, a round's ratio stays within about
+0.05 of the median (stop 13). `--memory_modes=reservoir_final,full_remat --memory_steps=20`
+re-measures just the step-time target; `--memory_t` picks the window lengths.
 
 The model is `config` when its arch is 'ccf'; any other config (the default, experiments/tiny.py)
 means `bench_model()`, a tiny CCF model sized so that the whole sweep (44 compilations, which
-dominate) takes about 10 minutes on 2 CPU cores.
+dominate) takes about 18 minutes on 2 CPU cores with --memory_steps=10.
 """
 
 from __future__ import annotations
