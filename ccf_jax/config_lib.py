@@ -78,6 +78,9 @@ def validate(cfg, num_devices: int | None = None) -> ml_collections.ConfigDict:
   _require(d.task in ('', 'passkey'), f"data.task={d.task!r}; choose '' (corpus text) or 'passkey'.")
   _require(d.passkey_score in ('answer', 'all'),
            f"data.passkey_score={d.passkey_score!r}; choose 'answer' or 'all'.")
+  _require(not d.passkey_ae_key or (d.task == 'passkey' and x.ae_mode != 'off'),
+           'data.passkey_ae_key auto-encodes the key segment of passkey windows: it needs '
+           "data.task='passkey' and an auto-encoding loss. Fix: --config.ccf.ae_mode=extra.")
   _require(d.task != 'passkey' or (d.mode == 'windows' and 2 <= (d.passkey_min_segments or
                                                                   x.num_segments) <= x.num_segments),
            "data.task='passkey' needs data.mode='windows' and data.passkey_min_segments in "

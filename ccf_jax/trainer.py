@@ -149,7 +149,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       first = next(train_iter)
       batch_sh = ts.batch_shardings(config, mesh, {k: np.asarray(v) for k, v in first.items()})
       train_step = ts.jit_train_step(config, tx, mesh, state_sh, batch_sh)
-      eval_step = ts.jit_eval_step(config, mesh, state_sh, batch_sh)
+      eval_sh = {k: batch_sh[k] for k in data_lib.BATCH_KEYS}  # Not the training-only keys.
+      eval_step = ts.jit_eval_step(config, mesh, state_sh, eval_sh)
       clock.mark('setup', t)
 
       loop = _Loop(config, workdir, writer, ckpt, train_iter, eval_step, batch_sh, arch, clock,
@@ -173,6 +174,7 @@ class _Loop:
     self.tokenizer_path = tokenizer_path
     self.c, self.workdir, self.writer, self.ckpt = config, workdir, writer, ckpt
     self.train_iter, self.eval_step, self.batch_sh = train_iter, eval_step, batch_sh
+    self.eval_sh = {k: batch_sh[k] for k in data_lib.BATCH_KEYS}
     self.arch, self.clock, self.preempt, self.is_main = arch, clock, preempt, is_main
     self.pending = None  # (step, device metrics) flushed one step late.
     self.window = {'t': time.time(), 'steps': 0, 'tokens': 0.0, 'loss': 0.0}
@@ -267,7 +269,7 @@ class _Loop:
     for i, batch in enumerate(it):
       if i >= self.c.train.eval_batches:
         break
-      out = jax.device_get(self.eval_step(state, to_device(batch, self.batch_sh)))
+      out = jax.device_get(self.eval_step(state, to_device(batch, self.eval_sh)))
       loss_sum += float(out['loss_sum'])
       tokens += float(out['tokens'])
       correct += float(out.get('correct', 0.0))

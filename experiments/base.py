@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.passkey_min_segments = 0  # Passkey curriculum: windows start this many segments long (0 = T) ...
   d.passkey_curriculum_steps = 0  # ... and reach T segments after this many steps (0 = always T).
   d.passkey_score = 'answer'  # Passkey training targets: 'answer' (the key) | 'all' (every token).
+  d.passkey_ae_key = False  # Passkey training: auto-encode segment 0, targets its key's digits.
 
   # ---------------------------------------------------------------- ccf (used when model.arch != 'decoder')
   x = c.ccf = ml_collections.ConfigDict()

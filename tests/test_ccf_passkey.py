@@ -86,3 +86,21 @@ def test_passkey_source_curriculum_placement_and_determinism():
     assert dense[k]['loss_mask'][:n * l].all() and not dense[k]['loss_mask'][n * l:].any()
   with pytest.raises(ValueError, match='min_segments'):
     passkey.PasskeySource(encode, 10, T, l, seed=0, bos_id=2, pad_id=0, min_segments=1)
+
+
+def test_passkey_source_ae_key_targets_the_first_statement_digits():
+  """data.passkey_ae_key: auto-encode segment 0, scoring only the key's first statement."""
+  l, T = 128, 4
+  src = passkey.PasskeySource(encode, 100, T, l, seed=5, bos_id=2, pad_id=0, ae_key=True)
+  plain = passkey.PasskeySource(encode, 100, T, l, seed=5, bos_id=2, pad_id=0)
+  for k in (0, 7, 42):
+    ex = src[k]
+    np.testing.assert_array_equal(ex['tokens'], plain[k]['tokens'])  # Same windows.
+    assert int(ex['ae_segment']) == 0 and ex['ae_mask'].shape == (T * l,)
+    tokens = ex['tokens'].tolist()
+    key = tokens[-5:]  # The answer ends the window.
+    lead = encode('The pass key is ')
+    at = next(i for i in range(l) if tokens[i:i + len(lead) + 5] == lead + key) + len(lead)
+    assert np.flatnonzero(ex['ae_mask']).tolist() == list(range(at, at + 5))  # Inside segment 0.
+    assert at + 5 <= l
+  assert 'ae_mask' not in plain[0]

@@ -24,7 +24,7 @@ or reservoir-sampled; the reservoir is drawn from the step's key). In the gated 
 auto-encoded segment is encoded again with full gradient (the buffer's rows may be gated off).
 With `ccf.ratios` the ratio is sampled per window from the step's key (`masks.spans`); evaluation
 uses l / num_memory unless the batch carries `ratio` int32[B]. A batch may also fix the segment to
-auto-encode (`ae_segment` int32[B]).
+auto-encode (`ae_segment` int32[B]) and its targets (`ae_mask` float32[B, T*l], else loss_mask).
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ def ccf_loss(cfg, params, batch, rng):
     pick = jnp.minimum((jax.random.uniform(k_pick, (b,)) * jnp.maximum(nvs, 1)).astype(jnp.int32),
                        t - 1)
   pick_valid = pick < nvs
+  ae_mask = batch.get('ae_mask', batch['loss_mask'])  # Own targets (passkey_ae_key), or the LM's.
   zero = jnp.zeros((), jnp.float32)
 
   def pick_memory():  # The picked segment alone, encoded with full gradient.
@@ -130,13 +131,13 @@ def ccf_loss(cfg, params, batch, rng):
 
   def lm_step():
     lm, mem = incremental.lm_sums(cfg, params, tokens, valid, scored, span, k_reservoir)
-    ae = (ae_sums(cfg, model, tokens, batch['loss_mask'], pick, pick_valid, span,
+    ae = (ae_sums(cfg, model, tokens, ae_mask, pick, pick_valid, span,
                   pick_memory() if mem is None else mem)
           if x.ae_mode == 'extra' else (zero, zero, zero))
     return lm, ae
 
   def ae_step():
-    return (zero, zero, zero), ae_sums(cfg, model, tokens, batch['loss_mask'], pick, pick_valid,
+    return (zero, zero, zero), ae_sums(cfg, model, tokens, ae_mask, pick, pick_valid,
                                        span, pick_memory())
 
   if x.ae_mode == 'alternate':

@@ -5,7 +5,8 @@ Public interface (other modules call exactly these):
       {'tokens': int32[B, L], 'loss_mask': float32[B, L], 'num_valid_segments': int32[B]},
       B = data.batch_size // process_count. 'train' repeats forever (reshuffled each epoch);
       'validation'/'test' are one deterministic pass (a fixed shuffled order) whose last batch
-      is padded with loss_mask-0 rows (num_valid_segments 0). A grain DatasetIterator:
+      is padded with loss_mask-0 rows (num_valid_segments 0). These three keys are BATCH_KEYS;
+      passkey training with data.passkey_ae_key adds 'ae_segment' int32[B], 'ae_mask' float32[B, L]. A grain DatasetIterator:
       checkpoint it with get_state()/set_state() or grain.checkpoint.CheckpointSave/Restore.
   load_or_train_tokenizer(config) -> Tokenizer
   load_documents(config, split) -> list[str]
@@ -17,6 +18,7 @@ load_tokenizer, train_tokenizer, Tokenizer.
 from ccf_jax.data.cache import DataError
 from ccf_jax.data.cache import data_dir
 from ccf_jax.data.corpus import load_documents
+from ccf_jax.data.pipeline import BATCH_KEYS
 from ccf_jax.data.pipeline import example_length
 from ccf_jax.data.pipeline import make_pipeline
 from ccf_jax.data.pipeline import make_train_iter
@@ -27,7 +29,7 @@ from ccf_jax.data.tokenizer import Tokenizer
 from ccf_jax.data.tokenizer import train_tokenizer
 
 __all__ = [
-    'DataError', 'data_dir', 'example_length', 'load_documents', 'load_or_train_tokenizer',
+    'BATCH_KEYS', 'DataError', 'data_dir', 'example_length', 'load_documents', 'load_or_train_tokenizer',
     'load_tokenizer', 'make_pipeline', 'make_train_iter', 'Pipeline', 'Tokenizer',
     'train_tokenizer',
 ]

@@ -230,6 +230,11 @@ class ExampleSource:
     return dict(tokens=tokens, loss_mask=mask, num_valid_segments=np.int32(nvs))
 
 
+# What every split's batches hold; a training stream may add keys of its own (data.passkey_ae_key:
+# ae_segment, ae_mask), which evaluation steps neither need nor receive.
+BATCH_KEYS = ('tokens', 'loss_mask', 'num_valid_segments')
+
+
 class PaddingSource:
   """`n` empty examples (pad tokens, loss_mask 0, num_valid_segments 0) that complete the last
   evaluation batch, so that every process runs the same number of evaluation steps."""
@@ -329,7 +334,7 @@ def passkey_sources(config, split: str, tok: tokenizer_lib.Tokenizer):
       tok.bos_id if tok.bos_id >= 0 else None, tok.pad_id, batch_size=d.batch_size,
       min_segments=d.passkey_min_segments if train else 0,
       curriculum_steps=d.passkey_curriculum_steps if train else 0,
-      score_all=train and d.passkey_score == 'all')
+      score_all=train and d.passkey_score == 'all', ae_key=train and d.passkey_ae_key)
   info = dict(split=split, mode=d.mode, task='passkey', example_len=example_length(config),
               examples=n, components=[])
   return [src], [1.0], info

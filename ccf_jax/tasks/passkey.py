@@ -151,13 +151,14 @@ class PasskeySource:
 
   def __init__(self, encode, num_examples: int, num_segments: int, segment_len: int, seed: int,
                bos_id: int | None, pad_id: int, batch_size: int = 1, min_segments: int = 0,
-               curriculum_steps: int = 0, num_digits: int = 5, score_all: bool = False):
+               curriculum_steps: int = 0, num_digits: int = 5, score_all: bool = False,
+               ae_key: bool = False):
     self.encode, self.n = encode, int(num_examples)
     self.T, self.l, self.seed = int(num_segments), int(segment_len), int(seed)
     self.bos_id, self.pad_id, self.num_digits = bos_id, int(pad_id), int(num_digits)
     self.batch_size, self.curriculum_steps = max(int(batch_size), 1), int(curriculum_steps)
     self.min_segments = int(min_segments) or self.T
-    self.score_all = bool(score_all)
+    self.score_all, self.ae_key = bool(score_all), bool(ae_key)
     if not 2 <= self.min_segments <= self.T:
       raise ValueError(f'passkey min_segments={min_segments} must be in [2, ccf.num_segments='
                        f'{self.T}]: the key sits in segment 0 and the question in the last one.')
@@ -185,4 +186,21 @@ class PasskeySource:
     tokens = np.full(self.T * self.l, self.pad_id, np.int32)
     mask = np.zeros(self.T * self.l, np.float32)
     tokens[:n * self.l], mask[:n * self.l] = ex.tokens, 1.0 if self.score_all else ex.loss_mask
-    return dict(tokens=tokens, loss_mask=mask, num_valid_segments=np.int32(n))
+    out = dict(tokens=tokens, loss_mask=mask, num_valid_segments=np.int32(n))
+    if self.ae_key:
+      out.update(ae_segment=np.int32(0), ae_mask=key_digits_mask(ex, self.T * self.l))
+    return out
+
+
+def key_digits_mask(ex: Example, length: int) -> np.ndarray:
+  """float32[length]: 1 on the first occurrence of the key's tokens (the answer, the document's
+  last tokens) after the statement's start, i.e. the digits of the key's first statement."""
+  answer = ex.tokens[ex.answer_start:]
+  n = len(answer)
+  for i in range(ex.key_start, ex.answer_start - n + 1):
+    if np.array_equal(ex.tokens[i:i + n], answer):
+      mask = np.zeros(length, np.float32)
+      mask[i:i + n] = 1.0
+      return mask
+  raise ValueError('the key does not occur in its statement (a tokenizer that merges digits with '
+                   'their neighbours?).')
