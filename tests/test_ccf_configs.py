@@ -76,6 +76,8 @@ def test_7b_configs_build_abstractly_on_256_devices(name):
     ({'ccf.memory_init_token': 5000}, 'memory_init_token'),
     ({'data.task': 'pass'}, "data.task='pass'"),
     ({'data.task': 'passkey', 'data.passkey_min_segments': 1}, 'passkey_min_segments in'),
+    ({'data.task': 'passkey', 'data.passkey_ae_key': True, 'ccf.ae_mode': 'off'}, 'ae_mode=extra'),
+    ({'data.passkey_ae_key': True}, "data.task='passkey'"),
 ])
 def test_clear_ccf_config_errors(changes, needle):
   cfg = tiny_ccf.get_config()

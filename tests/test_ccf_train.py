@@ -144,3 +144,23 @@ def test_fresh_memory_vectors_start_as_the_chosen_token_embedding():
   params = init_params(cfg)
   np.testing.assert_array_equal(params['adapter']['memory'],
                                 np.broadcast_to(params['decoder']['embed'][3], (4, 32)))
+
+
+def test_auto_encoding_targets_follow_the_batch_ae_mask():
+  # data.passkey_ae_key's wiring: a batch may name the segment to auto-encode and give the
+  # auto-encoding loss its own targets; only those positions (not the LM's loss_mask) count.
+  cfg = small_cfg(ae_mode='extra')
+  params = init_params(cfg)
+  batch = make_batch(cfg)
+  batch['ae_segment'] = np.full((B,), 1, np.int32)
+  ae_mask = np.zeros_like(batch['loss_mask'])
+  ae_mask[:, L_SEG + 2:L_SEG + 5] = 1.0  # Tokens 2..4 of segment 1.
+  loss = jax.jit(lambda p, b: ccf_arch.ccf_loss(cfg, p, b, jax.random.key(0)))
+  *_, aux = loss(params, dict(batch, ae_mask=ae_mask))
+  valid = int((batch['num_valid_segments'] > 1).sum())  # Window 1 has no segment 1.
+  assert float(aux['ae_tokens']) == 3 * valid
+  *_, aux_lm = loss(params, batch)  # Without ae_mask: the LM's loss mask on tokens 0..l-2 of
+  # segment 1 (reconstruction is teacher-forced after the repeat vector, as the first l-1 tokens).
+  lm_mask = batch['loss_mask'][batch['num_valid_segments'] > 1, L_SEG:2 * L_SEG - 1]
+  assert float(aux_lm['ae_tokens']) == lm_mask.sum() == (L_SEG - 1) * valid - 1  # Window 0: one 0.
+  assert float(aux['ae_ce']) != float(aux_lm['ae_ce'])
