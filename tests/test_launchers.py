@@ -54,11 +54,12 @@ def _free_port() -> int:
 
 
 def _checks(text: str) -> list:
-  # raw_decode: parse the JSON object and ignore anything another writer (gloo's C++ logging
-  # shares the log file) may have appended to the same line.
-  decoder = json.JSONDecoder()
-  return [decoder.raw_decode(line.split(' ', 1)[1])[0] for line in text.splitlines()
-          if line.startswith('CHECK_DISTRIBUTED ')]
+  # gloo's C++ logging shares the log file and may leave its line unterminated ("[Gloo] Rank 0 is
+  # connected to 1CHECK_DISTRIBUTED {...}", seen in CI), so the marker is found anywhere in a
+  # line; raw_decode ignores anything appended after the JSON object.
+  decoder, mark = json.JSONDecoder(), 'CHECK_DISTRIBUTED '
+  return [decoder.raw_decode(line[line.index(mark) + len(mark):])[0] for line in text.splitlines()
+          if mark in line]
 
 
 # ------------------------------------------------------------------------ local_multiprocess.sh
