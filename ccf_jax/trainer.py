@@ -174,7 +174,6 @@ class _Loop:
     self.tokenizer_path = tokenizer_path
     self.c, self.workdir, self.writer, self.ckpt = config, workdir, writer, ckpt
     self.train_iter, self.eval_step, self.batch_sh = train_iter, eval_step, batch_sh
-    self.eval_sh = {k: batch_sh[k] for k in data_lib.BATCH_KEYS}
     self.arch, self.clock, self.preempt, self.is_main = arch, clock, preempt, is_main
     self.pending = None  # (step, device metrics) flushed one step late.
     self.window = {'t': time.time(), 'steps': 0, 'tokens': 0.0, 'loss': 0.0}
@@ -269,7 +268,7 @@ class _Loop:
     for i, batch in enumerate(it):
       if i >= self.c.train.eval_batches:
         break
-      out = jax.device_get(self.eval_step(state, to_device(batch, self.eval_sh)))
+      out = jax.device_get(self.eval_step(state, to_device(batch, self.batch_sh)))
       loss_sum += float(out['loss_sum'])
       tokens += float(out['tokens'])
       correct += float(out.get('correct', 0.0))

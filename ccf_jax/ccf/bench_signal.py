@@ -106,12 +106,11 @@ def _train(cfg, arch: str, seed: int, steps: int | None = None, budget_s: float 
     t = time.time()
     summary = trainer.train_and_evaluate(c, wd)
     wall = time.time() - t
-    ckpts = os.path.join(wd, 'checkpoints')
-    params, _ = checkpoint.restore_params(os.path.join(ckpts, str(summary['final_step'])))
-    kept = {}
-    for step in sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if curve_every else ():
-      if step % curve_every == 0 or step == summary['final_step']:
-        kept[step] = checkpoint.restore_params(os.path.join(ckpts, str(step)))[0]
+    ckpts, final = os.path.join(wd, 'checkpoints'), summary['final_step']
+    restore = lambda step: checkpoint.restore_params(os.path.join(ckpts, str(step)))[0]
+    steps_on_disk = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if curve_every else []
+    kept = {s: restore(s) for s in steps_on_disk if s % curve_every == 0 or s == final}
+    params = kept[final] if final in kept else restore(final)
   return c, params, summary, wall, kept
 
 
@@ -137,10 +136,9 @@ def _stats(x: np.ndarray) -> dict:
 
 def bench_signal(config) -> list:
   """Trains and scores the models; returns JSON-able records (the last one is the summary)."""
-  out, per_seed = [], []
+  out, per_seed, curve = [], [], _CURVE.value
   for seed in range(_SEEDS.value):
     rec = {'seed': seed}
-    curve = _CURVE.value
     c_ccf, p_ccf, s_ccf, wall_ccf, kept_ccf = _train(config, 'ccf', seed, curve_every=curve)
     rec['ccf'] = heldout(c_ccf, p_ccf, 'on', _WINDOWS.value)
     rec['ccf_memory_off'] = heldout(c_ccf, p_ccf, 'off', _WINDOWS.value)

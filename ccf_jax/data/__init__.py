@@ -6,8 +6,8 @@ Public interface (other modules call exactly these):
       B = data.batch_size // process_count. 'train' repeats forever (reshuffled each epoch);
       'validation'/'test' are one deterministic pass (a fixed shuffled order) whose last batch
       is padded with loss_mask-0 rows (num_valid_segments 0). These three keys are BATCH_KEYS;
-      passkey training with data.passkey_ae_key adds 'ae_segment' int32[B], 'ae_mask' float32[B, L]. A grain DatasetIterator:
-      checkpoint it with get_state()/set_state() or grain.checkpoint.CheckpointSave/Restore.
+      passkey training with data.passkey_ae_key adds 'ae_segment' int32[B] and 'ae_mask'
+      float32[B, L]. A grain DatasetIterator: checkpoint it with get_state()/set_state() or grain.checkpoint.CheckpointSave/Restore.
   load_or_train_tokenizer(config) -> Tokenizer
   load_documents(config, split) -> list[str]
   DataError (a ValueError)
