@@ -81,7 +81,7 @@ class Decoder(nnx.Module):
 
   def run_layers(self, x, positions, mask, xs: Any = None,
                  block_kwargs: Callable[[Any], dict] | None = None, remat_policy: str | None = None,
-                 latents_from: int | None = None):
+                 latents_from: int | None = None, constant_weights: bool = False):
     """Applies all blocks. Returns (x, hs) with hs[layer] the normed attention input ([L, B, len, d]).
 
     xs: an optional pytree with a leading `layers` axis, sliced per layer and turned into extra
@@ -91,9 +91,13 @@ class Decoder(nnx.Module):
     and MLP, whose output nothing reads, are skipped (only its input norm runs; x is then the last
     block's input). XLA cannot drop that work itself: a scan's last trip is the same body as every
     other, and its backward runs too, on a zero cotangent. It saves 1/L of the encoder.
+    constant_weights: the blocks' own weights are read as constants (their gradient is cut; x
+    and xs still receive theirs): the CCF encoder under `ccf.encoder_trains_base=False`.
     """
     cfg = self.cfg
     gdef, lstate = nnx.split(self.layers)
+    if constant_weights:
+      lstate = jax.lax.stop_gradient(lstate)
     policy_name = cfg.remat_policy if remat_policy is None else remat_policy
 
     def body(carry, inp):

@@ -63,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   x.ratios = ()  # Ratios sampled per window, e.g. (4, 8, 16, 32), c = l/min padded; () = l/c.
   x.mode = 'pretrain'  # 'pretrain': all trains | 'adapter': frozen base; LoRA + memory train.
   x.shared_weights = True  # Pretrain: encoder shares the decoder's weights (False = own copy).
+  x.encoder_trains_base = True  # Pretrain, shared: the encoder's gradient reaches the shared
+  # weights (paper); False = only memory vectors and LoRAs learn to compress, the base as an LM.
   x.lora_rank = 8  # LoRA rank on encoder q/v and memory-row k/v (transfer head); paper 128.
   x.lora_alpha = 32.0  # LoRA scale numerator (delta = alpha / rank * x A B); paper 512.
   x.distinct_memory_tokens = False  # One vector per memory slot, not one repeated c times.
@@ -70,7 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
   x.mask = 'nested'  # Encoder: 'nested' (memory j sees tokens < (j+1)*l/c) | 'plain' (all).
   x.memory_positions = 'sequential'  # Memory rows' rotary positions: 'sequential' | 'segment'.
   x.memory_gate = 'none'  # Decoder's memory read: 'none' one softmax over [memory; raw] (paper) |
-  # 'tanh': memory rows get their own softmax, added with a per-head weight tanh(g), g=0 at init.
+  # 'tanh': memory rows get their own softmax, added with a per-head weight tanh(g) ...
+  x.memory_gate_init = 0.0  # ... g's initial value (0: the decoder starts as segment_local).
   x.memory_window = 0  # Attend to the M most recent segments' memory (bounds positions); 0 = all.
   x.score_first_token = True  # Score each segment's first token (predicted by the previous one).
   x.ae_mode = 'off'  # Auto-encoding: 'off' | 'extra' (one random segment per window) | 'alternate'.

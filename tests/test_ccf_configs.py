@@ -78,6 +78,8 @@ def test_7b_configs_build_abstractly_on_256_devices(name):
     ({'data.task': 'passkey', 'data.passkey_min_segments': 1}, 'passkey_min_segments in'),
     ({'data.task': 'passkey', 'data.passkey_ae_key': True, 'ccf.ae_mode': 'off'}, 'ae_mode=extra'),
     ({'data.passkey_ae_key': True}, "data.task='passkey'"),
+    ({'ccf.mode': 'adapter', 'ccf.encoder_trains_base': False}, 'encoder_trains_base=True'),
+    ({'ccf.shared_weights': False, 'ccf.encoder_trains_base': False}, 'shared_weights=True'),
 ])
 def test_clear_ccf_config_errors(changes, needle):
   cfg = tiny_ccf.get_config()

@@ -94,14 +94,15 @@ def _mlp(lp, x, m):
   return (jax.nn.silu(h @ lp['mlp']['w_gate']) * (h @ lp['mlp']['w_up'])) @ lp['mlp']['w_down']
 
 
-def naive_latents(p, cfg, seg_tokens, span):
+def naive_latents(p, cfg, seg_tokens, span, enc=None):
   """Encoder of one segment: list over layers of [c, d] latents (own loops, own mask)."""
   m, x = cfg.model, cfg.ccf
   l, c = x.segment_len, x.num_memory
   scale = x.lora_alpha / x.lora_rank
   ad = p['adapter']
   mem = jnp.broadcast_to(ad['memory'], (c, m.d_model))
-  h = jnp.concatenate([p['decoder']['embed'][seg_tokens], mem], 0)
+  base = p if enc is None else enc  # enc: the encoder's weights held as constants (see VARIANTS).
+  h = jnp.concatenate([base['decoder']['embed'][seg_tokens], mem], 0)
   pos = list(range(l)) + [min((j + 1) * span, l) for j in range(c)]
   allowed = np.zeros((l + c, l + c), bool)
   for q in range(l):
@@ -109,7 +110,7 @@ def naive_latents(p, cfg, seg_tokens, span):
   for j in range(c):
     allowed[l + j, :(l if x.mask == 'plain' else min((j + 1) * span, l))] = True
     allowed[l + j, l + j] = True
-  layers = p['encoder']['layers'] if 'encoder' in p else p['decoder']['layers']
+  layers = base['encoder']['layers'] if 'encoder' in base else base['decoder']['layers']
   zs = []
   for li in range(m.num_layers):
     lp = jax.tree.map(lambda a: a[li], layers)
@@ -168,13 +169,13 @@ def naive_decode(p, cfg, seg_tokens, memories, first_input=None):
   return _rms(h, dp['final_norm']['scale'], m.norm_eps) @ dp['lm_head']
 
 
-def naive_window_logits(p, cfg, tokens, num_valid, span, memory=True):
+def naive_window_logits(p, cfg, tokens, num_valid, span, memory=True, enc=None):
   """[T*l, vocab] logits of one window, segment by segment (padded segments: zeros, unscored)."""
   x, m = cfg.ccf, cfg.model
   l = x.segment_len
   c_r = l // span
   segs = [tokens[t * l:(t + 1) * l] for t in range(len(tokens) // l)]
-  latents = [[z[:c_r] for z in naive_latents(p, cfg, s, span)] if t < num_valid else None
+  latents = [[z[:c_r] for z in naive_latents(p, cfg, s, span, enc)] if t < num_valid else None
              for t, s in enumerate(segs)]
   out = []
   for t, seg in enumerate(segs):
@@ -194,11 +195,11 @@ def naive_scored(cfg, loss_mask, num_valid):
   return loss_mask * keep
 
 
-def naive_lm_loss(p, cfg, batch, spans, memory=True):
+def naive_lm_loss(p, cfg, batch, spans, memory=True, enc=None):
   total, count = 0.0, 0.0
   for b in range(len(batch['tokens'])):
     logits = naive_window_logits(p, cfg, batch['tokens'][b], int(batch['num_valid_segments'][b]),
-                                 int(spans[b]), memory)
+                                 int(spans[b]), memory, enc)
     w = naive_scored(cfg, batch['loss_mask'][b], int(batch['num_valid_segments'][b]))[1:]
     logp = jax.nn.log_softmax(logits[:-1], -1)
     ce = -jnp.take_along_axis(logp, batch['tokens'][b][1:, None], -1)[:, 0]
@@ -206,7 +207,7 @@ def naive_lm_loss(p, cfg, batch, spans, memory=True):
   return total, count
 
 
-def naive_ae_loss(p, cfg, batch, picks, spans):
+def naive_ae_loss(p, cfg, batch, picks, spans, enc=None):
   """Auto-encoding: segment picks[b] compressed alone, then reconstructed after `repeat`."""
   l = cfg.ccf.segment_len
   total = 0.0
@@ -214,7 +215,7 @@ def naive_ae_loss(p, cfg, batch, picks, spans):
     if s >= batch['num_valid_segments'][b]:
       continue
     seg = batch['tokens'][b][s * l:(s + 1) * l]
-    zs = [z[:l // spans[b]] for z in naive_latents(p, cfg, seg, int(spans[b]))]
+    zs = [z[:l // spans[b]] for z in naive_latents(p, cfg, seg, int(spans[b]), enc)]
     inputs = np.concatenate([[0], seg[:-1]])
     logits = naive_decode(p, cfg, inputs, [(s, zs)], first_input=p['adapter']['repeat'])
     w = batch['loss_mask'][b][s * l:(s + 1) * l][:-1]
@@ -249,6 +250,9 @@ VARIANTS = {  # Between them, every option of the mechanism.
     'segment_positions_plain_separate_unscored_first': dict(
         memory_positions='segment', mask='plain', score_first_token=False, shared_weights=False,
         memory_gate='tanh'),
+    # The reference reads the encoder's (shared) weights from a constant copy of the params.
+    'encoder_constant_base_gated_ae': dict(
+        encoder_trains_base=False, memory_gate='tanh', ae_mode='extra', ae_weight=0.5),
 }
 
 
@@ -264,13 +268,14 @@ def test_loss_and_grads_match_naive_reference(variant):
     batch['ratio'] = spans  # One window at 4x, one at 8x (2 of the c = 2 slots vs 1).
   batch['ae_segment'] = np.array([2, 1], np.int32)
   w = cfg.ccf.ae_weight
+  enc = None if cfg.ccf.encoder_trains_base else jax.tree.map(np.asarray, params)
 
   def naive(p):
-    lm, n = naive_lm_loss(p, cfg, batch, spans)
+    lm, n = naive_lm_loss(p, cfg, batch, spans, enc=enc)
     if cfg.ccf.ae_mode == 'off':
       return lm, n
     ae_n = 2 * (L_SEG - 1)  # Target 3 of window 0 is masked but lies in segment 0.
-    return lm + w * naive_ae_loss(p, cfg, batch, batch['ae_segment'], spans), n + w * ae_n
+    return lm + w * naive_ae_loss(p, cfg, batch, batch['ae_segment'], spans, enc), n + w * ae_n
 
   (loss, n), grads = value_and_grad(
       lambda p: ccf_arch.ccf_loss(cfg, p, batch, jax.random.key(0)))(params)

@@ -213,10 +213,18 @@ def ccf_forward_flops(cfg, batch_size: int) -> dict:
   return {'encoder': encoder, 'project': project, 'decoder': decoder, 'ae': ae}
 
 
+def encoder_backward_passes(ccf_cfg) -> float:
+  """Forward-equivalents of the encoder's backward pass: 2 (activation and weight gradients), or 1
+  under ccf.encoder_trains_base=False, where the base weights are constants and only activation
+  gradients flow (to the memory vectors and the LoRAs, whose weight gradients are negligible)."""
+  return 2.0 if ccf_cfg.encoder_trains_base else 1.0
+
+
 def ccf_train_flops(cfg, batch_size: int) -> float:
   """Model FLOPs of the objective (full back-propagation, no recomputation); what a step executes
   under grad_mode and remat is incremental.train_flops."""
-  return 3.0 * sum(ccf_forward_flops(cfg, batch_size).values())
+  f = ccf_forward_flops(cfg, batch_size)
+  return 3.0 * sum(f.values()) - (2.0 - encoder_backward_passes(cfg.ccf)) * f['encoder']
 
 
 def segment_local_train_flops(cfg, batch_size: int) -> float:
@@ -250,6 +258,11 @@ def check_config(cfg):
                         ('encoder_remat', ('model', *model_lib.REMAT_POLICIES)),
                         ('decoder_remat', tuple(model_lib.REMAT_POLICIES))):
     require(x[name] in options, f'ccf.{name}={x[name]!r}; choose one of {options}.')
+  require(x.encoder_trains_base or (x.mode == 'pretrain' and x.shared_weights),
+          'ccf.encoder_trains_base=False cuts the encoder\'s gradient into the weights it shares '
+          f'with the decoder; it needs ccf.mode=pretrain and ccf.shared_weights=True (got mode='
+          f'{x.mode!r}, shared_weights={x.shared_weights}). Fix: --config.ccf.encoder_trains_base'
+          '=True.')
   require(x.lora_rank >= 1, f'ccf.lora_rank={x.lora_rank} must be at least 1.')
   require(x.reservoir_size >= 1, f'ccf.reservoir_size={x.reservoir_size} must be at least 1.')
   for name in ('decoder_segment_chunk', 'encoder_map_batch'):

@@ -15,10 +15,17 @@ only (segment 0 sees no memory in any model, so it would only dilute the differe
     step, so it gets more steps).
 
 Measured (stop 12, seed 0, tiny_ccf trained 1,500 steps instead of 540, checkpoints every 250
-scored here): CCF minus segment_local went -0.043 / -0.030 / -0.018 / -0.025 / -0.017 / -0.016
-nats (paired SE 0.005-0.009) at steps 250..1500, while the memory's own effect (off minus on, same
-weights) grew from 0.024 at 500 to 0.036 (SE 0.004) at 1500; CCF's memory-off weights stay about
-0.05 worse than segment_local throughout. The deficit narrows but does not close by 1,500 steps.
+scored here): segment_local's loss minus CCF's (negative: CCF worse) went -0.043 / -0.030 /
+-0.018 / -0.025 / -0.017 / -0.016 nats (paired SE 0.005-0.009) at steps 250..1500, while the
+memory's own effect (off minus on, same weights) grew from 0.024 at 500 to 0.036 (SE 0.004) at
+1500; CCF's memory-off weights stay about 0.05 worse than segment_local throughout. The deficit
+narrows but does not close by 1,500 steps.
+Stop 15, with the gated read and the encoder's gradient cut (`--config.ccf.memory_gate=tanh
+--config.ccf.encoder_trains_base=False --config.ccf.ae_mode=off`): 3 seeds at 540 steps (27
+minutes in all), ccf 4.4211, memory off 4.4309, segment_local 4.4163, segment_local - CCF
+-0.0048 (paired SE 0.0024), seed spread 0.025; the 2,700-step curve (seed 0) went -0.003 / -0.012
+/ -0.022 / -0.030 / -0.028 / -0.032 / -0.034 / -0.024 / -0.035 at steps 300..2700 (SE 0.004-0.007)
+with the memory effect at 0.009 (600) and 0.017-0.020 from 900 on.
 
 Prints one JSON object per trained model and a final summary object. Run outside the test suite;
 it takes `steps` x (2..4 models) x seeds training steps.

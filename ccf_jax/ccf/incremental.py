@@ -272,7 +272,7 @@ def train_flops(cfg, batch_size: int) -> float:
   f = ccf_arch.ccf_forward_flops(cfg, batch_size)
   t, size = x.num_segments, min(x.reservoir_size, x.num_segments)
   enc_policy = m.remat_policy if x.encoder_remat == 'model' else x.encoder_remat
-  enc_train = 3.0 + (enc_policy != 'none')
+  enc_train = 1.0 + ccf_arch.encoder_backward_passes(x) + (enc_policy != 'none')
   per_pair = x.grad_mode == 'truncated' or (x.grad_mode == 'reservoir'
                                             and x.reservoir_semantics == 'streaming')
   if x.grad_mode == 'reservoir' and x.reservoir_semantics == 'final':
@@ -287,5 +287,5 @@ def train_flops(cfg, batch_size: int) -> float:
   decoder = f['decoder'] * (3.0 + (dec_remat and not single) + layer_remat)
   ae = 3.0 * f['ae']
   if f['ae'] and x.grad_mode != 'full':  # The auto-encoded segment is encoded again, live.
-    ae += 3.0 * (f['encoder'] + f['project']) / t
+    ae += ((1.0 + ccf_arch.encoder_backward_passes(x)) * f['encoder'] + 3.0 * f['project']) / t
   return encoder + project + decoder + ae
