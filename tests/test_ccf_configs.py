@@ -80,6 +80,7 @@ def test_7b_configs_build_abstractly_on_256_devices(name):
     ({'data.passkey_ae_key': True}, "data.task='passkey'"),
     ({'ccf.mode': 'adapter', 'ccf.encoder_trains_base': False}, 'encoder_trains_base=True'),
     ({'ccf.shared_weights': False, 'ccf.encoder_trains_base': False}, 'shared_weights=True'),
+    ({'ccf.memory_gate_init': 0.5}, 'memory_gate=tanh'),
 ])
 def test_clear_ccf_config_errors(changes, needle):
   cfg = tiny_ccf.get_config()

@@ -263,6 +263,9 @@ def check_config(cfg):
           f'with the decoder; it needs ccf.mode=pretrain and ccf.shared_weights=True (got mode='
           f'{x.mode!r}, shared_weights={x.shared_weights}). Fix: --config.ccf.encoder_trains_base'
           '=True.')
+  require(x.memory_gate == 'tanh' or x.memory_gate_init == 0.0,
+          f'ccf.memory_gate_init={x.memory_gate_init} initialises the gated read, but '
+          f"ccf.memory_gate={x.memory_gate!r}. Fix: --config.ccf.memory_gate=tanh.")
   require(x.lora_rank >= 1, f'ccf.lora_rank={x.lora_rank} must be at least 1.')
   require(x.reservoir_size >= 1, f'ccf.reservoir_size={x.reservoir_size} must be at least 1.')
   for name in ('decoder_segment_chunk', 'encoder_map_batch'):
