@@ -12,13 +12,16 @@ about a minute, with looser thresholds, using the benchmark's own training and s
     scores held-out windows on segments t > 0 with memory on better than with it off.
 """
 
+import copy
 import math
+import os
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 
-from ccf_jax import sharding, train_step as ts, trainer
+from ccf_jax import export as export_lib, sharding, train_step as ts, trainer
 from ccf_jax.ccf import bench_signal
 from experiments import tiny_ccf
 
@@ -75,8 +78,7 @@ def test_memory_carries_the_previous_segment():
   assert on < local - 0.1 and on < off - 0.1
 
 
-@pytest.mark.slow
-def test_memory_helps_on_real_text():
+def real_text_config():
   c = tiny_ccf.get_config()
   m = c.model
   m.vocab_size, m.d_model, m.num_layers = 512, 64, 3
@@ -85,6 +87,32 @@ def test_memory_helps_on_real_text():
   c.data.batch_size = 8
   c.train.warmup_steps, c.train.log_every, c.train.eval_batches = 10, 50, 1
   c.checkpoint.every = 100000
+  return c
+
+
+def test_pretrained_base_starts_both_compared_models():
+  """--signal_base_steps: the base is the config's plain decoder on packed sequences with the
+  windows' tokens per step, and its export is where CCF's decoder and segment_local start."""
+  c = real_text_config()
+  b = bench_signal.base_config(c, seed=1, steps=3)
+  assert (b.model.arch, b.data.mode, b.train.seed, b.train.steps) == ('decoder', 'packed', 1, 3)
+  assert b.model.to_dict() == dict(c.model.to_dict(), arch='decoder')
+  assert b.data.batch_size * b.data.seq_len == c.data.batch_size * 4 * 32
+  with tempfile.TemporaryDirectory() as d:
+    out, _ = bench_signal.pretrain_base(c, 1, 3, os.path.join(d, 'export'))
+    base = export_lib.load_export(out)[0]
+    start = copy.deepcopy(c)
+    start.init.params_only = out
+    start.train.lr, start.train.warmup_steps = 0.0, 0  # One step that cannot move the weights.
+    for arch in ('segment_local', 'ccf'):
+      _, params, _, _, _ = bench_signal._train(start, arch, seed=1, steps=1)
+      got = params if arch == 'segment_local' else params['decoder']
+      assert jax.tree.all(jax.tree.map(np.array_equal, got, base)), arch
+
+
+@pytest.mark.slow
+def test_memory_helps_on_real_text():
+  c = real_text_config()
   c_ccf, p_ccf, s_ccf, _, kept = bench_signal._train(c, 'ccf', seed=0, steps=150, curve_every=75)
   assert s_ccf['final_step'] == 150
   assert sorted(kept) == [75, 150]  # The learning curve's checkpoints; the last is the final one.

@@ -47,10 +47,13 @@ _TS = flags.DEFINE_list('memory_t', None, 'bench memory: these T (segments per w
                         f'{list(T_VALUES)}.')
 _STEPS = flags.DEFINE_integer('memory_steps', STEPS, 'bench memory: timed steps per configuration '
                               '(more steps, less noise in step_s; compilation dominates anyway).')
-# Remat everywhere: encoder layers, each decoder chunk step (or the layers of a single chunk), and
-# the decoder layers inside a chunk step (model.remat_policy), so that the decoder keeps one layer
-# of one chunk alive in the backward pass.
-REMAT = dict(model=dict(remat_policy='full'), ccf=dict(encoder_remat='full', decoder_remat='full'))
+# Remat the encoder layers and each decoder chunk step (or, with a single chunk, its layers). The
+# decoder layers inside a chunk step are not remat'd again (model.remat_policy='none'): the chunk's
+# recomputation in the backward pass keeps one chunk's residuals alive, which does not grow with T
+# at a fixed k, and a nested layer remat would cost one more decoder forward per segment (5 instead
+# of 4 forward-equivalents) to shrink that constant. Large chunks of deep models (the 7B configs:
+# 32 segments x 32 layers) do nest it, through model.remat_policy.
+REMAT = dict(model=dict(remat_policy='none'), ccf=dict(encoder_remat='full', decoder_remat='full'))
 NO_REMAT = dict(model=dict(remat_policy='none'), ccf=dict(encoder_remat='none',
                                                           decoder_remat='none'))
 MODES = {  # name -> {'model': overrides, 'ccf': overrides}.

@@ -67,6 +67,14 @@ _CURVE = flags.DEFINE_integer(
     'segment_local (a learning curve on one schedule; 0 = final step only).')
 _EQUAL_TIME = flags.DEFINE_bool('signal_equal_time', True,
                                 'Also train segment_local for CCF\'s wall time (bench signal).')
+_BASE_STEPS = flags.DEFINE_integer(
+    'signal_base_steps', 0, 'bench signal: first pretrain the plain decoder for N steps per seed '
+    '(base_config) and start every compared model from its export (init.params_only), as CCF '
+    'fine-tunes a pretrained LM in the paper; 0 = every model from scratch.')
+
+# The base's pretraining recipe is experiments/tiny.py's: packed sequences of 256 tokens (2 l for
+# tiny_ccf), as many tokens a step as the CCF windows, peak lr 3e-3 after 100 warmup steps.
+BASE_LR, BASE_WARMUP = 3e-3, 100
 
 
 def window_losses(cfg, params, batch, memory: str) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +131,36 @@ def _train(cfg, arch: str, seed: int, steps: int | None = None, budget_s: float 
   return c, params, summary, wall, kept
 
 
+def base_config(cfg, seed: int, steps: int):
+  """The plain decoder of `cfg`'s model fields, pretrained from scratch on packed sequences of
+  2 l tokens with the windows' tokens per step (the recipe of experiments/tiny.py)."""
+  c = copy.deepcopy(cfg)
+  x = c.ccf
+  c.name = f'{cfg.name}_base'
+  c.model.arch = 'decoder'
+  c.data.mode, c.data.task, c.data.seq_len = 'packed', '', 2 * x.segment_len
+  c.data.batch_size = cfg.data.batch_size * x.num_segments * x.segment_len // c.data.seq_len
+  c.train.lr, c.train.warmup_steps, c.train.steps = BASE_LR, min(BASE_WARMUP, steps), steps
+  c.train.seed = c.data.shuffle_seed = seed
+  c.init.params_only = c.init.from_checkpoint = c.init.from_hf = ''
+  return c
+
+
+def pretrain_base(cfg, seed: int, steps: int, out_dir: str) -> tuple[str, float]:
+  """Trains base_config(cfg, seed, steps) and exports it to out_dir; returns (out_dir, train s)."""
+  from ccf_jax import export as export_lib
+  c = base_config(cfg, seed, steps)
+  c.train.time_budget_s = 0.0
+  c.train.eval_every = 0
+  c.mesh.num_devices = 1
+  c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 1
+  c.checkpoint.every = steps
+  with tempfile.TemporaryDirectory() as wd:
+    summary = trainer.train_and_evaluate(c, wd)
+    export_lib.export(wd, out_dir, overwrite=True)
+  return out_dir, summary['phases']['train']
+
+
 def learning_curve(c_ccf, kept_ccf, c_sl, kept_sl, max_batches: int) -> list:
   """Held-out t > 0 losses at each step both runs kept: ccf on/off, segment_local, and the paired
   differences (by window, same data order) with their standard errors."""
@@ -143,42 +181,59 @@ def _stats(x: np.ndarray) -> dict:
   return {'mean': float(x.mean()), 'se': float(x.std(ddof=1) / math.sqrt(len(x))), 'windows': len(x)}
 
 
+def _compare(config, seed: int, curve: int, out: list) -> dict:
+  """One seed: trains CCF and segment_local (and full_attention, segment_local at CCF's wall time
+  when asked) from `config`'s initialisation; appends their records to `out` and returns the
+  per-window held-out losses by model."""
+  rec = {'seed': seed}
+  c_ccf, p_ccf, s_ccf, wall_ccf, kept_ccf = _train(config, 'ccf', seed, curve_every=curve)
+  rec['ccf'] = heldout(c_ccf, p_ccf, 'on', _WINDOWS.value)
+  rec['ccf_memory_off'] = heldout(c_ccf, p_ccf, 'off', _WINDOWS.value)
+  c_sl, p_sl, s_sl, wall_sl, kept_sl = _train(config, 'segment_local', seed,
+                                              steps=s_ccf['final_step'], curve_every=curve)
+  rec['segment_local'] = heldout(c_sl, p_sl, 'off', _WINDOWS.value)
+  out += [dict(r, seed=seed) for r in learning_curve(c_ccf, kept_ccf, c_sl, kept_sl,
+                                                      _WINDOWS.value)]
+  runs = {'ccf': (s_ccf, wall_ccf), 'segment_local': (s_sl, wall_sl)}
+  if _FULL.value:
+    c_fa, p_fa, s_fa, wall_fa, _ = _train(config, 'full_attention', seed, steps=s_ccf['final_step'])
+    rec['full_attention'] = heldout(c_fa, p_fa, 'off', _WINDOWS.value)
+    runs['full_attention'] = (s_fa, wall_fa)
+  if _EQUAL_TIME.value:
+    c_eq, p_eq, s_eq, wall_eq, _ = _train(config, 'segment_local', seed, steps=100000,
+                                       budget_s=s_ccf['phases']['train'])
+    rec['segment_local_equal_time'] = heldout(c_eq, p_eq, 'off', _WINDOWS.value)
+    runs['segment_local_equal_time'] = (s_eq, wall_eq)
+  for name, (s, wall) in runs.items():
+    out.append({'bench': 'signal', 'seed': seed, 'model': name, 'steps': s['final_step'],
+                'train_s': s['phases']['train'], 'wall_s': round(wall, 1),
+                'heldout_t_gt_0': _stats(rec[name]),
+                **({'memory_off': _stats(rec['ccf_memory_off'])} if name == 'ccf' else {})})
+    print(out[-1], flush=True)
+  return rec
+
+
 def bench_signal(config) -> list:
   """Trains and scores the models; returns JSON-able records (the last one is the summary)."""
   out, per_seed, curve = [], [], _CURVE.value
   for seed in range(_SEEDS.value):
-    rec = {'seed': seed}
-    c_ccf, p_ccf, s_ccf, wall_ccf, kept_ccf = _train(config, 'ccf', seed, curve_every=curve)
-    rec['ccf'] = heldout(c_ccf, p_ccf, 'on', _WINDOWS.value)
-    rec['ccf_memory_off'] = heldout(c_ccf, p_ccf, 'off', _WINDOWS.value)
-    c_sl, p_sl, s_sl, wall_sl, kept_sl = _train(config, 'segment_local', seed,
-                                                steps=s_ccf['final_step'], curve_every=curve)
-    rec['segment_local'] = heldout(c_sl, p_sl, 'off', _WINDOWS.value)
-    out += [dict(r, seed=seed) for r in learning_curve(c_ccf, kept_ccf, c_sl, kept_sl,
-                                                        _WINDOWS.value)]
-    runs = {'ccf': (s_ccf, wall_ccf), 'segment_local': (s_sl, wall_sl)}
-    if _FULL.value:
-      c_fa, p_fa, s_fa, wall_fa, _ = _train(config, 'full_attention', seed, steps=s_ccf['final_step'])
-      rec['full_attention'] = heldout(c_fa, p_fa, 'off', _WINDOWS.value)
-      runs['full_attention'] = (s_fa, wall_fa)
-    if _EQUAL_TIME.value:
-      c_eq, p_eq, s_eq, wall_eq, _ = _train(config, 'segment_local', seed, steps=100000,
-                                         budget_s=s_ccf['phases']['train'])
-      rec['segment_local_equal_time'] = heldout(c_eq, p_eq, 'off', _WINDOWS.value)
-      runs['segment_local_equal_time'] = (s_eq, wall_eq)
-    for name, (s, wall) in runs.items():
-      out.append({'bench': 'signal', 'seed': seed, 'model': name, 'steps': s['final_step'],
-                  'train_s': s['phases']['train'], 'wall_s': round(wall, 1),
-                  'heldout_t_gt_0': _stats(rec[name]),
-                  **({'memory_off': _stats(rec['ccf_memory_off'])} if name == 'ccf' else {})})
-      print(out[-1], flush=True)
-    per_seed.append(rec)
+    with tempfile.TemporaryDirectory() as base_dir:
+      start = config
+      if _BASE_STEPS.value:
+        start = copy.deepcopy(config)
+        start.init.params_only, base_s = pretrain_base(config, seed, _BASE_STEPS.value,
+                                                       os.path.join(base_dir, 'export'))
+        out.append({'bench': 'signal', 'seed': seed, 'model': 'base', 'steps': _BASE_STEPS.value,
+                    'train_s': base_s})
+        print(out[-1], flush=True)
+      per_seed.append(_compare(start, seed, curve, out))
 
   def seed_means(name):
     return np.array([r[name].mean() for r in per_seed if name in r])
 
   diffs = [r['segment_local'] - r['ccf'] for r in per_seed]  # Paired by window (same data order).
-  summary = {'bench': 'signal', 'summary': True, 'config': config.name, 'seeds': len(per_seed)}
+  summary = {'bench': 'signal', 'summary': True, 'config': config.name, 'seeds': len(per_seed),
+             'base_steps': _BASE_STEPS.value}
   for name in ('ccf', 'ccf_memory_off', 'segment_local', 'full_attention', 'segment_local_equal_time'):
     m = seed_means(name)
     if len(m):
