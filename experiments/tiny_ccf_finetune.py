@@ -10,7 +10,7 @@ windows, without the auto-encoding term, at a fine-tuning learning rate. segment
 from the same export for the same steps is the baseline:
     ./launch/local.sh --config=experiments/tiny.py    # writes runs/local/tiny/export
     python -m ccf_jax.train --config=experiments/tiny_ccf_finetune.py --workdir=runs/tiny_ccf_ft
-`python -m ccf_jax.bench signal --config=experiments/tiny_ccf_finetune.py --signal_base_steps=2000`
+`python -m ccf_jax.bench signal --config=experiments/tiny_ccf_finetune.py --base_steps=2000`
 pretrains its own base per seed (bench_signal.base_config: tiny.py's recipe) and compares.
 """
 

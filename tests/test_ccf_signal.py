@@ -23,7 +23,7 @@ import pytest
 
 from ccf_jax import export as export_lib, sharding, train_step as ts, trainer
 from ccf_jax.ccf import bench_signal
-from experiments import tiny_ccf
+from experiments import tiny, tiny_ccf
 
 VOCAB, L, C, T, B = 64, 16, 4, 3, 8
 
@@ -91,13 +91,15 @@ def real_text_config():
 
 
 def test_pretrained_base_starts_both_compared_models():
-  """--signal_base_steps: the base is the config's plain decoder on packed sequences with the
-  windows' tokens per step, and its export is where CCF's decoder and segment_local start."""
+  """--base_steps: the base is the config's plain decoder trained with tiny.py's recipe, and its
+  export is where CCF's decoder and segment_local start."""
   c = real_text_config()
   b = bench_signal.base_config(c, seed=1, steps=3)
   assert (b.model.arch, b.data.mode, b.train.seed, b.train.steps) == ('decoder', 'packed', 1, 3)
   assert b.model.to_dict() == dict(c.model.to_dict(), arch='decoder')
-  assert b.data.batch_size * b.data.seq_len == c.data.batch_size * 4 * 32
+  recipe = tiny.get_config()
+  assert (b.data.seq_len, b.data.batch_size, b.train.lr) == (
+      recipe.data.seq_len, recipe.data.batch_size, recipe.train.lr)
   with tempfile.TemporaryDirectory() as d:
     out, _ = bench_signal.pretrain_base(c, 1, 3, os.path.join(d, 'export'))
     base = export_lib.load_export(out)[0]

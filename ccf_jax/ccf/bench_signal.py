@@ -68,13 +68,9 @@ _CURVE = flags.DEFINE_integer(
 _EQUAL_TIME = flags.DEFINE_bool('signal_equal_time', True,
                                 'Also train segment_local for CCF\'s wall time (bench signal).')
 _BASE_STEPS = flags.DEFINE_integer(
-    'signal_base_steps', 0, 'bench signal: first pretrain the plain decoder for N steps per seed '
-    '(base_config) and start every compared model from its export (init.params_only), as CCF '
-    'fine-tunes a pretrained LM in the paper; 0 = every model from scratch.')
-
-# The base's pretraining recipe is experiments/tiny.py's: packed sequences of 256 tokens (2 l for
-# tiny_ccf), as many tokens a step as the CCF windows, peak lr 3e-3 after 100 warmup steps.
-BASE_LR, BASE_WARMUP = 3e-3, 100
+    'base_steps', 0, 'bench signal / passkey: first pretrain the plain decoder for N steps per '
+    'seed (base_config) and start every compared model from its export (init.params_only), as '
+    'CCF fine-tunes a pretrained LM in the paper; 0 = every model as the config says.')
 
 
 def window_losses(cfg, params, batch, memory: str) -> tuple[np.ndarray, np.ndarray]:
@@ -102,21 +98,27 @@ def heldout(cfg, params, memory: str, max_batches: int) -> np.ndarray:
   return s[n > 0] / n[n > 0]
 
 
+def _single_device_run(cfg, seed: int, budget_s: float = 0.0):
+  """A copy of cfg as every bench run trains: seeded model and data order, one device, no
+  evaluation during training, the given time budget (0 = the steps)."""
+  c = copy.deepcopy(cfg)
+  c.train.seed = c.data.shuffle_seed = seed
+  c.train.time_budget_s = budget_s
+  c.train.eval_every = 0
+  c.mesh.num_devices = 1
+  c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 1
+  return c
+
+
 def _train(cfg, arch: str, seed: int, steps: int | None = None, budget_s: float = 0.0,
            curve_every: int = 0):
   """Trains one model; returns (config, final params, summary, wall s, {step: params} kept every
   `curve_every` steps (empty when 0))."""
   from ccf_jax import checkpoint
-  c = copy.deepcopy(cfg)
+  c = _single_device_run(cfg, seed, budget_s)
   c.model.arch = arch
-  c.train.seed = seed
-  c.data.shuffle_seed = seed
   if steps is not None:
     c.train.steps = steps
-  c.train.time_budget_s = budget_s
-  c.train.eval_every = 0
-  c.mesh.num_devices = 1
-  c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 1
   if curve_every:
     c.checkpoint.every = c.checkpoint.keep_every = curve_every
   with tempfile.TemporaryDirectory() as wd:
@@ -132,15 +134,18 @@ def _train(cfg, arch: str, seed: int, steps: int | None = None, budget_s: float 
 
 
 def base_config(cfg, seed: int, steps: int):
-  """The plain decoder of `cfg`'s model fields, pretrained from scratch on packed sequences of
-  2 l tokens with the windows' tokens per step (the recipe of experiments/tiny.py)."""
+  """The plain decoder of `cfg`'s model fields on `cfg`'s corpus and tokenizer, pretrained from
+  scratch with experiments/tiny.py's recipe (packed sequences, its batch, peak lr and warmup), so
+  that every CCF config of these model fields gets the same kind of base."""
+  from experiments import tiny
+  recipe = tiny.get_config()
   c = copy.deepcopy(cfg)
-  x = c.ccf
   c.name = f'{cfg.name}_base'
   c.model.arch = 'decoder'
-  c.data.mode, c.data.task, c.data.seq_len = 'packed', '', 2 * x.segment_len
-  c.data.batch_size = cfg.data.batch_size * x.num_segments * x.segment_len // c.data.seq_len
-  c.train.lr, c.train.warmup_steps, c.train.steps = BASE_LR, min(BASE_WARMUP, steps), steps
+  c.data.mode, c.data.task = 'packed', ''
+  c.data.seq_len, c.data.batch_size = recipe.data.seq_len, recipe.data.batch_size
+  c.train.lr, c.train.steps = recipe.train.lr, steps
+  c.train.warmup_steps = min(recipe.train.warmup_steps, steps)
   c.train.seed = c.data.shuffle_seed = seed
   c.init.params_only = c.init.from_checkpoint = c.init.from_hf = ''
   return c
@@ -149,16 +154,25 @@ def base_config(cfg, seed: int, steps: int):
 def pretrain_base(cfg, seed: int, steps: int, out_dir: str) -> tuple[str, float]:
   """Trains base_config(cfg, seed, steps) and exports it to out_dir; returns (out_dir, train s)."""
   from ccf_jax import export as export_lib
-  c = base_config(cfg, seed, steps)
-  c.train.time_budget_s = 0.0
-  c.train.eval_every = 0
-  c.mesh.num_devices = 1
-  c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 1
+  c = _single_device_run(base_config(cfg, seed, steps), seed)
   c.checkpoint.every = steps
   with tempfile.TemporaryDirectory() as wd:
     summary = trainer.train_and_evaluate(c, wd)
     export_lib.export(wd, out_dir, overwrite=True)
   return out_dir, summary['phases']['train']
+
+
+def _from_base(config, seed: int, base_dir: str, out: list):
+  """`config` itself, or with --base_steps a copy that starts from a base pretrained into
+  base_dir (its record appended to `out`)."""
+  if not _BASE_STEPS.value:
+    return config
+  start = copy.deepcopy(config)
+  start.init.params_only, base_s = pretrain_base(config, seed, _BASE_STEPS.value,
+                                                 os.path.join(base_dir, 'export'))
+  out.append({'bench': 'base', 'seed': seed, 'steps': _BASE_STEPS.value, 'train_s': base_s})
+  print(out[-1], flush=True)
+  return start
 
 
 def learning_curve(c_ccf, kept_ccf, c_sl, kept_sl, max_batches: int) -> list:
@@ -218,15 +232,7 @@ def bench_signal(config) -> list:
   out, per_seed, curve = [], [], _CURVE.value
   for seed in range(_SEEDS.value):
     with tempfile.TemporaryDirectory() as base_dir:
-      start = config
-      if _BASE_STEPS.value:
-        start = copy.deepcopy(config)
-        start.init.params_only, base_s = pretrain_base(config, seed, _BASE_STEPS.value,
-                                                       os.path.join(base_dir, 'export'))
-        out.append({'bench': 'signal', 'seed': seed, 'model': 'base', 'steps': _BASE_STEPS.value,
-                    'train_s': base_s})
-        print(out[-1], flush=True)
-      per_seed.append(_compare(start, seed, curve, out))
+      per_seed.append(_compare(_from_base(config, seed, base_dir, out), seed, curve, out))
 
   def seed_means(name):
     return np.array([r[name].mean() for r in per_seed if name in r])
@@ -275,14 +281,16 @@ def bench_passkey(config) -> list:
   if config.data.task != 'passkey':
     raise ValueError("bench passkey needs a passkey config (data.task='passkey'), e.g. "
                      '--config=experiments/tiny_ccf_passkey.py.')
-  out = []
-  c_ccf, p_ccf, s_ccf, wall, _ = _train(config, 'ccf', int(config.train.seed),
-                                     budget_s=config.train.time_budget_s)
-  runs = [('ccf', c_ccf, p_ccf, s_ccf, wall, 'on'), ('ccf_memory_off', c_ccf, p_ccf, s_ccf, wall, 'off')]
-  if _PASSKEY_BASELINE.value:
-    c_sl, p_sl, s_sl, wall_sl, _ = _train(config, 'segment_local', int(config.train.seed),
-                                       steps=s_ccf['final_step'])
-    runs.append(('segment_local', c_sl, p_sl, s_sl, wall_sl, 'off'))
+  out, seed = [], int(config.train.seed)
+  with tempfile.TemporaryDirectory() as base_dir:
+    config = _from_base(config, seed, base_dir, out)
+    c_ccf, p_ccf, s_ccf, wall, _ = _train(config, 'ccf', seed, budget_s=config.train.time_budget_s)
+    runs = [('ccf', c_ccf, p_ccf, s_ccf, wall, 'on'),
+            ('ccf_memory_off', c_ccf, p_ccf, s_ccf, wall, 'off')]
+    if _PASSKEY_BASELINE.value:
+      c_sl, p_sl, s_sl, wall_sl, _ = _train(config, 'segment_local', seed,
+                                         steps=s_ccf['final_step'])
+      runs.append(('segment_local', c_sl, p_sl, s_sl, wall_sl, 'off'))
   for name, c, p, s, w, memory in runs:
     rec = {'bench': 'passkey', 'model': name, 'T': config.ccf.num_segments,
            'segment_len': config.ccf.segment_len, 'steps': s['final_step'],
