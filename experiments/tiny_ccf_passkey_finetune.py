@@ -8,7 +8,11 @@ chance within ~100 steps. The base of both encoder and decoder is the export of 
     ./launch/local.sh --config=experiments/tiny.py    # writes runs/local/tiny/export
     python -m ccf_jax.train --config=experiments/tiny_ccf_passkey_finetune.py --workdir=runs/pk_ft
 `python -m ccf_jax.bench passkey --config=experiments/tiny_ccf_passkey_finetune.py --base_steps=2000`
-pretrains the base itself (about 6.5 minutes on 2 cores) and then trains and scores this model.
+pretrains the base itself (about 7 minutes on 2 cores) and then trains and scores this model.
+Measured (stop 16, seed 0; the base was tiny.py trained 2,000 steps in 424 s, passed as
+init.params_only): per-digit accuracy 1.000 and exact match 1.000 on 64 held-out windows at T=8
+with memory, 0.100 (chance) with memory off; 2,000 steps in 1,260 s, so base and fine-tuning took
+28 minutes. The training loss left chance by step 130 and was 0.17 at step 880.
 """
 
 from experiments import tiny_ccf_passkey

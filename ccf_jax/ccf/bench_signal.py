@@ -28,6 +28,16 @@ minutes in all), ccf 4.4211, memory off 4.4309, segment_local 4.4163, segment_lo
 with the memory effect at 0.009 (600) and 0.017-0.020 from 900 on. The shipped tiny_ccf (paper
 recipe, auto-encoding 0.25), same 3 seeds and 540 steps: ccf 4.5261, memory off 4.5452,
 segment_local - CCF -0.110 (paired SE 0.006), CCF's seed spread 0.043.
+Stop 16, the paper recipe without auto-encoding (`--config.ccf.ae_mode=off`), seed 0, 2,700 steps
+(14 minutes of CCF on this sandbox): segment_local - CCF -0.042 / -0.017 / -0.018 / -0.016 /
+-0.014 / -0.010 / -0.016 / -0.012 / -0.017 (SE 0.006-0.007) at steps 300..2700, flat from 600 on,
+while the memory's effect grew from 0.009 to 0.053; at 2,700 ccf 3.7118, memory off 3.7649,
+segment_local 3.6945. From scratch, CCF's weights pay for their memory in LM quality.
+`--base_steps=N` starts every model from a plain decoder pretrained for N steps per seed (the
+paper's setting, experiments/tiny_ccf_finetune.py): seed 0, a 2,000-step base, 1,000 fine-tuning
+steps at lr 1e-3 without auto-encoding: segment_local - CCF +0.015 / +0.020 / +0.025 / +0.024
+(paired SE 0.0017-0.0023) at steps 250..1000, memory effect 0.017 -> 0.034, ccf 3.6345, memory off
+3.6680, segment_local 3.6587.
 
 Prints one JSON object per trained model and a final summary object. Run outside the test suite;
 it takes `steps` x (2..4 models) x seeds training steps.
@@ -35,7 +45,9 @@ it takes `steps` x (2..4 models) x seeds training steps.
 `python -m ccf_jax.bench passkey --config=experiments/tiny_ccf_passkey.py` is the second bar:
 the CCF model and segment_local trained on passkey windows (`data.task='passkey'`, same steps),
 then teacher-forced per-digit accuracy and exact match of the key on held-out full-length windows
-(key in segment 0, question at the end of segment T-1), for CCF with memory on and off.
+(key in segment 0, question at the end of segment T-1), for CCF with memory on and off. With
+`--base_steps` both start from a pretrained plain decoder: experiments/tiny_ccf_passkey_finetune.py
+reached 1.000 per digit at T=8 (stop 16), where from scratch 1,500 steps gave 0.2375.
 """
 
 from __future__ import annotations
