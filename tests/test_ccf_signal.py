@@ -128,3 +128,23 @@ def test_memory_helps_on_real_text():
         f'off - on {d.mean():.4f} (z={z:.1f}, {len(d)} windows)')
   assert len(d) >= 16 and on.mean() < math.log(512) - 1.5
   assert d.mean() > 0 and z > 2.0
+
+
+def test_summary_bars_from_per_window_losses():
+  """The summary's bars on hand-made losses: a steady 0.1-nat win whose seeds differ by 0.5 nats
+  in both models passes 3 SE, fails the spread of each model's own loss, and its per-seed
+  differences spread by under 0.01."""
+  ccf = [np.array([1.0, 1.2]), np.array([2.0, 2.2]), np.array([1.5, 1.7])]
+  sl = [np.array([1.1, 1.3]), np.array([2.1, 2.32]), np.array([1.6, 1.79])]
+  s = bench_signal.summarize([{'ccf': c, 'segment_local': l} for c, l in zip(ccf, sl)], 'x', 7)
+  d = [0.1, 0.1, 0.1, 0.12, 0.1, 0.09]
+  se = np.std(d, ddof=1) / math.sqrt(6)
+  assert (s['config'], s['seeds'], s['base_steps']) == ('x', 3, 7)
+  assert s['segment_local_minus_ccf']['mean'] == pytest.approx(np.mean(d))
+  assert s['segment_local_minus_ccf']['z'] == pytest.approx(np.mean(d) / se)
+  assert s['ccf']['seed_spread_std'] == pytest.approx(0.5)
+  assert s['segment_local_minus_ccf']['per_seed'] == pytest.approx([0.1, 0.11, 0.095])
+  assert s['segment_local_minus_ccf']['seed_spread_std'] == pytest.approx(
+      np.std([0.1, 0.11, 0.095], ddof=1))
+  assert s['bar_3se'] and not s['bar_beyond_seed_spread']
+  assert 'full_attention' not in s and 'gap_closed_fraction' not in s

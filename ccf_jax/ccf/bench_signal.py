@@ -239,23 +239,19 @@ def _compare(config, seed: int, curve: int, out: list) -> dict:
   return rec
 
 
-def bench_signal(config) -> list:
-  """Trains and scores the models; returns JSON-able records (the last one is the summary)."""
-  out, per_seed, curve = [], [], _CURVE.value
-  for seed in range(_SEEDS.value):
-    with tempfile.TemporaryDirectory() as base_dir:
-      per_seed.append(_compare(_from_base(config, seed, base_dir, out), seed, curve, out))
-
-  def seed_means(name):
-    return np.array([r[name].mean() for r in per_seed if name in r])
+def summarize(per_seed: list, config_name: str, base_steps: int = 0) -> dict:
+  """The bars from per-seed {model: per-window held-out losses} (windows paired across models)."""
+  def seed_means(model):
+    return np.array([r[model].mean() for r in per_seed if model in r])
 
   diffs = [r['segment_local'] - r['ccf'] for r in per_seed]  # Paired by window (same data order).
-  summary = {'bench': 'signal', 'summary': True, 'config': config.name, 'seeds': len(per_seed),
-             'base_steps': _BASE_STEPS.value}
-  for name in ('ccf', 'ccf_memory_off', 'segment_local', 'full_attention', 'segment_local_equal_time'):
-    m = seed_means(name)
+  summary = {'bench': 'signal', 'summary': True, 'config': config_name, 'seeds': len(per_seed),
+             'base_steps': base_steps}
+  for model in ('ccf', 'ccf_memory_off', 'segment_local', 'full_attention',
+                'segment_local_equal_time'):
+    m = seed_means(model)
     if len(m):
-      summary[name] = {'mean_over_seeds': float(m.mean()),
+      summary[model] = {'mean_over_seeds': float(m.mean()),
                        'seed_spread_std': float(m.std(ddof=1)) if len(m) > 1 else None}
   d = np.concatenate(diffs)
   summary['segment_local_minus_ccf'] = {'mean': float(d.mean()),
@@ -265,11 +261,28 @@ def bench_signal(config) -> list:
   summary['bar_3se'] = bool(summary['segment_local_minus_ccf']['z'] > 3)
   summary['bar_beyond_seed_spread'] = bool(d.mean() > max(spread, summary['segment_local'].get(
       'seed_spread_std') or 0.0))
+  # The bar above compares the difference with the spread of each model's own loss over seeds, which
+  # also holds what moves both models of a seed alike (its data order; with --base_steps its base).
+  # The spread of the per-seed differences is the paired figure, reported beside it.
+  per_seed_diff = np.array([x.mean() for x in diffs])
+  summary['segment_local_minus_ccf']['per_seed'] = per_seed_diff.tolist()
+  if len(per_seed_diff) > 1:
+    summary['segment_local_minus_ccf']['seed_spread_std'] = float(per_seed_diff.std(ddof=1))
   if 'full_attention' in summary:
     gap = summary['segment_local']['mean_over_seeds'] - summary['full_attention']['mean_over_seeds']
     closed = summary['segment_local']['mean_over_seeds'] - summary['ccf']['mean_over_seeds']
     summary['gap_closed_fraction'] = float(closed / gap) if gap > 0 else None
-  out.append(summary)
+  return summary
+
+
+def bench_signal(config) -> list:
+  """Trains and scores the models; returns JSON-able records (the last one is the summary)."""
+  out, per_seed, curve = [], [], _CURVE.value
+  for seed in range(_SEEDS.value):
+    with tempfile.TemporaryDirectory() as base_dir:
+      per_seed.append(_compare(_from_base(config, seed, base_dir, out), seed, curve, out))
+
+  out.append(summarize(per_seed, config.name, _BASE_STEPS.value))
   return out
 
 
