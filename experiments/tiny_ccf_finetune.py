@@ -12,6 +12,9 @@ from the same export for the same steps is the baseline:
     python -m ccf_jax.train --config=experiments/tiny_ccf_finetune.py --workdir=runs/tiny_ccf_ft
 `python -m ccf_jax.bench signal --config=experiments/tiny_ccf_finetune.py --base_steps=2000`
 pretrains its own base per seed (bench_signal.base_config: tiny.py's recipe) and compares.
+Measured (stop 16, 3 seeds, a 2,000-step base each): on held-out segments t > 0 CCF 3.6393,
+memory off 3.6745, segment_local 3.6643: CCF ahead by 0.0250 nats (paired SE 0.0010; per seed
+0.0243 / 0.0238 / 0.0269), where from scratch tiny_ccf trails by about 0.015.
 """
 
 from experiments import tiny_ccf
