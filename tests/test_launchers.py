@@ -137,10 +137,17 @@ def test_local_multiprocess_ctrl_c_stops_everything(tmp_path):
       open(os.path.join(sys.argv[1], f'pid_{jax.process_index()}'), 'w').write(str(os.getpid()))
       time.sleep(600)
   '''))
-  p = subprocess.Popen([os.path.join(LAUNCH, 'local_multiprocess.sh'), '--log-dir',
-                        str(tmp_path / 'logs'), '--kill-grace', '2', '--entry', str(script), '2',
-                        str(tmp_path)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)
+  # Start the launcher as a shell would, with SIGINT at its default: an ignored SIGINT is inherited
+  # across exec and bash cannot trap a signal ignored at entry, and something earlier in a pytest
+  # worker can leave it ignored (the suite then timed out here; the test alone passed).
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    p = subprocess.Popen([os.path.join(LAUNCH, 'local_multiprocess.sh'), '--log-dir',
+                          str(tmp_path / 'logs'), '--kill-grace', '2', '--entry', str(script), '2',
+                          str(tmp_path)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+  finally:
+    signal.signal(signal.SIGINT, inherited)
   try:
     deadline = time.time() + 60
     while not all((tmp_path / f'pid_{i}').exists() for i in range(2)):
