@@ -1,5 +1,5 @@
-"""The full_attention baseline of tiny_ccf.py: the same decoder, data and steps, raw attention over
-the whole 1,024-token window (T=8 segments of 128).
+"""The full_attention baseline of tiny_ccf.py: the same base (the tiny.py export), decoder, data and
+steps, raw attention over the whole 1,024-token window (T=8 segments of 128).
 
 It sees every earlier token uncompressed, so it bounds from above what CCF's memory can recover at
 this context, at quadratic cost (see `python -m ccf_jax.bench efficiency`). Its trained positional

@@ -1,4 +1,5 @@
-"""The segment_local baseline of tiny_ccf.py: the same decoder, data and steps, each segment alone.
+"""The segment_local baseline of tiny_ccf.py: the same base, decoder, data and steps, each segment
+alone.
 
 Every segment of a window is decoded with no memory and no view of earlier segments (the CCF
 decoder with memory off), so the gap between this model and tiny_ccf.py is what the compressed

@@ -20,6 +20,7 @@ SEGMENT_RULES = (('batch', ('data',)), ('segment', ('fsdp',)))  # Segments shard
 
 def small_cfg(**ccf):
   c = tiny_ccf.get_config()
+  c.init.params_only = ''  # A shrunk model from scratch (tiny_ccf.py fine-tunes a tiny.py export).
   m = c.model
   m.vocab_size, m.d_model, m.num_layers = 64, 32, 2
   m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 4, 2, 8, 48

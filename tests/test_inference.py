@@ -29,6 +29,7 @@ jit = functools.partial(jax.jit, compiler_options=FAST)  # Compile time dominate
 
 def small_cfg(arch='ccf', vocab=VOCAB, **ccf):
   c = tiny_ccf.get_config()
+  c.init.params_only = ''  # A shrunk model from scratch (tiny_ccf.py fine-tunes a tiny.py export).
   m = c.model
   m.arch, m.vocab_size, m.d_model, m.num_layers = arch, vocab, 32, 2
   m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 4, 2, 8, 48

@@ -487,3 +487,30 @@ def test_two_process_checkpoint_initialises_a_one_process_run(two_runs, tmp_path
   fresh, trained = _metrics(one)[1], _metrics(two)[6]
   first = losses[min(losses)]
   assert first < (fresh + trained) / 2, (first, fresh, trained)
+
+
+# ------------------------------------------------------------------------ _base.sh (slow)
+@pytest.mark.slow
+def test_ensure_base_trains_a_missing_base_once(tmp_path):
+  """launch/_base.sh: tiny_ccf.py names runs/local/tiny/export, so ensure_base trains and exports
+  experiments/tiny.py (shrunk here by the flags it passes on) when that export is missing, reuses
+  it when present, and runs nothing for a config from scratch."""
+  base = tmp_path / 'base'
+  flags = ' '.join(shlex.quote(f) for f in TRAIN_FLAGS[1:] if not f.startswith('--config.mesh'))
+  env = _env(PATH=os.path.dirname(PY) + os.pathsep + os.environ['PATH'])
+
+  def ensure(config):
+    r = _run(['bash', '-c', f'set -euo pipefail; source launch/_base.sh; ensure_base '
+              f'experiments/{config} {shlex.quote(str(base))} {flags}; echo "BASE=$BASE_EXPORT"'],
+             env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+  out = ensure('tiny_ccf.py')
+  assert 'missing: training experiments/tiny.py' in out and f'BASE={base}/export\n' in out
+  info = json.loads((base / 'export' / 'export_info.json').read_text())
+  assert info['step'] == 6, info  # TRAIN_FLAGS' steps: the flags reached the base's training.
+  out = ensure('tiny_segment_local.py')  # Same base, now present: nothing is trained.
+  assert 'exists' in out and 'training' not in out and f'BASE={base}/export\n' in out
+  out = ensure('tiny_ccf_scratch.py')
+  assert '[base]' not in out and out.endswith('BASE=\n')

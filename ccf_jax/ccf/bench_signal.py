@@ -34,7 +34,8 @@ Stop 16, the paper recipe without auto-encoding (`--config.ccf.ae_mode=off`), se
 while the memory's effect grew from 0.009 to 0.053; at 2,700 ccf 3.7118, memory off 3.7649,
 segment_local 3.6945. From scratch, CCF's weights pay for their memory in LM quality.
 `--base_steps=N` starts every model from a plain decoder pretrained for N steps per seed (the
-paper's setting, experiments/tiny_ccf_finetune.py): seed 0, a 2,000-step base, 1,000 fine-tuning
+paper's setting, which experiments/tiny_ccf.py now is; until stop 16 it trained from scratch, as
+experiments/tiny_ccf_scratch.py does, and the runs above are that recipe): seed 0, a 2,000-step base, 1,000 fine-tuning
 steps at lr 1e-3 without auto-encoding: segment_local - CCF +0.015 / +0.020 / +0.025 / +0.024
 (paired SE 0.0017-0.0023) at steps 250..1000, memory effect 0.017 -> 0.034, ccf 3.6345, memory off
 3.6680, segment_local 3.6587. Over 3 seeds (`--base_steps=2000 --signal_seeds=3`, a base per seed,
@@ -50,7 +51,7 @@ it takes `steps` x (2..4 models) x seeds training steps.
 the CCF model and segment_local trained on passkey windows (`data.task='passkey'`, same steps),
 then teacher-forced per-digit accuracy and exact match of the key on held-out full-length windows
 (key in segment 0, question at the end of segment T-1), for CCF with memory on and off. With
-`--base_steps` both start from a pretrained plain decoder: experiments/tiny_ccf_passkey_finetune.py
+a pretrained plain decoder (experiments/tiny_ccf_passkey.py starts from the tiny.py export) it
 reached 1.000 per digit at T=8 (stop 16), where from scratch 1,500 steps gave 0.2375.
 """
 
@@ -86,7 +87,8 @@ _EQUAL_TIME = flags.DEFINE_bool('signal_equal_time', True,
 _BASE_STEPS = flags.DEFINE_integer(
     'base_steps', 0, 'bench signal / passkey: first pretrain the plain decoder for N steps per '
     'seed (base_config) and start every compared model from its export (init.params_only), as '
-    'CCF fine-tunes a pretrained LM in the paper; 0 = every model as the config says.')
+    'CCF fine-tunes a pretrained LM in the paper; 0 = every model as the config says (for '
+    'tiny_ccf.py: one shared base, the tiny.py export).')
 
 
 def window_losses(cfg, params, batch, memory: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,37 @@
+# Sourced by launch/local.sh and launch/local_suite.sh: train the base LM a config fine-tunes.
+#
+# tiny_ccf.py and its variants start from a pretrained plain decoder, as CCF starts from Llama-2 in
+# the paper: their init.params_only is runs/local/tiny/export, the export of experiments/tiny.py.
+#   ensure_base CONFIG [BASE_WORKDIR [TRAIN_FLAG ...]]
+# reads CONFIG's init.params_only; when it has the form runs/local/<base>/export and
+# experiments/<base>.py exists, it sets BASE_EXPORT=BASE_WORKDIR/export (BASE_WORKDIR defaults to
+# runs/local/<base>, the path CONFIG names) and, if that export is
+# missing, trains experiments/<base>.py in BASE_WORKDIR (resuming there if an earlier attempt was
+# stopped) with the TRAIN_FLAGs and exports it. Otherwise BASE_EXPORT is empty and nothing runs
+# (a config from scratch, or an export given elsewhere: the trainer names a missing one).
+# Runs from the repository root with the venv on PATH.
+ensure_base() {
+  local config="$1" base_workdir="${2:-}"
+  shift $(( $# < 2 ? $# : 2 ))
+  local start
+  start="$(python -c 'import importlib.util, sys
+spec = importlib.util.spec_from_file_location("experiment", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print(module.get_config().init.params_only)' "$config")"
+  BASE_EXPORT=""
+  if [[ ! "$start" =~ ^runs/local/([A-Za-z0-9_]+)/export/?$ ]] \
+      || [ ! -f "experiments/${BASH_REMATCH[1]}.py" ]; then
+    return 0
+  fi
+  local base="experiments/${BASH_REMATCH[1]}.py"
+  base_workdir="${base_workdir:-runs/local/${BASH_REMATCH[1]}}"
+  BASE_EXPORT="$base_workdir/export"
+  if [ -d "$BASE_EXPORT/params" ]; then
+    echo "[base] $config starts from $BASE_EXPORT (exists; delete it to retrain $base)"
+    return 0
+  fi
+  echo "[base] $config starts from $BASE_EXPORT, which is missing: training $base -> $base_workdir"
+  python -m ccf_jax.train --config="$base" --workdir="$base_workdir" "$@"
+  python -m ccf_jax.export --workdir="$base_workdir" --out="$BASE_EXPORT" --overwrite
+}
