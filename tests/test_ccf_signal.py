@@ -150,3 +150,18 @@ def test_summary_bars_from_per_window_losses():
       np.std([0.1, 0.11, 0.095], ddof=1))
   assert s['bar_3se'] and not s['bar_beyond_seed_spread']
   assert 'full_attention' not in s and 'gap_closed_fraction' not in s
+  # Seeds that differ by 0.01 nats (one shared base) leave the spread bar to the 0.11-nat win;
+  # one seed has no spread, so that bar is undecided rather than passed.
+  ccf = [np.array([1.0, 1.2]) + 0.005 * i for i in range(3)]
+  near = bench_signal.summarize([{'ccf': c, 'segment_local': c + [0.1, 0.12]} for c in ccf], 'x')
+  assert near['bar_3se'] and near['bar_beyond_seed_spread']
+  assert near['ccf']['seed_spread_std'] == pytest.approx(0.005)
+  one = bench_signal.summarize([{'ccf': ccf[0], 'segment_local': sl[0]}], 'x')
+  assert one['bar_beyond_seed_spread'] is None and one['ccf']['seed_spread_std'] is None
+
+
+def test_equal_time_steps_fill_ccf_training_time_at_the_baseline_step_time():
+  ccf = {'final_step': 1000, 'phases': {'train': 300.0}}
+  sl = {'final_step': 1000, 'phases': {'train': 200.0}}
+  assert bench_signal.equal_time_steps(ccf, sl) == 1500
+  assert bench_signal.equal_time_steps(sl, ccf) == 1000  # Never fewer steps than CCF's.
