@@ -47,7 +47,10 @@ what moves both models of a seed alike (its base) dominates that spread.
 Stop 17, experiments/tiny_ccf.py (that recipe, now the default) with its 3 seeds sharing one
 base (the tiny.py export, as the paper's seeds share Llama-2): ccf 3.6319, memory off 3.6651,
 segment_local 3.6567; segment_local - CCF +0.0248 (paired SE 0.0011, z 22.5; per seed 0.0243 /
-0.0243 / 0.0259), each model's seed spread 0.0048 / 0.0039: both bars met.
+0.0243 / 0.0259), each model's seed spread 0.0048 / 0.0039: both bars met. Seed 0 with
+`--signal_full_attention`: full_attention 3.6223 (729 s of training against CCF's 307 s and
+segment_local's 188 s), gap closed 0.666; at equal wall time segment_local trained 1,661 steps
+(`equal_time_steps`) and scored 3.6276, 0.007 better than CCF.
 
 Prints one JSON object per trained model and a final summary object. Run outside the test suite;
 it takes `steps` x (2..4 models) x seeds training steps.
