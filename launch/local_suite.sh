@@ -44,8 +44,9 @@ EVALS=()
 for NAME in $MODELS; do
   W="$WORKDIR/$NAME"
   if [ "$SKIP_TRAIN" = 0 ]; then
+    # A --steps smoke run shortens the base too, with a warmup that fits (tiny.py's is 100).
     ensure_base "experiments/$NAME.py" "$WORKDIR/base" --config.train.time_budget_s=0 \
-      ${STEPS:+--config.train.steps=$STEPS}
+      ${STEPS:+--config.train.steps=$STEPS --config.train.warmup_steps=$((STEPS / 10))}
     echo "[suite] training $NAME -> $W"
     python -m ccf_jax.train --config="experiments/$NAME.py" --workdir="$W" \
       --config.train.time_budget_s=0 ${STEPS:+--config.train.steps=$STEPS} \
