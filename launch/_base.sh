@@ -5,9 +5,9 @@
 #   ensure_base CONFIG [BASE_WORKDIR [TRAIN_FLAG ...]]
 # reads CONFIG's init.params_only; when it has the form runs/local/<base>/export and
 # experiments/<base>.py exists, it sets BASE_EXPORT=BASE_WORKDIR/export (BASE_WORKDIR defaults to
-# runs/local/<base>, the path CONFIG names) and, if that export is
-# missing, trains experiments/<base>.py in BASE_WORKDIR (resuming there if an earlier attempt was
-# stopped) with the TRAIN_FLAGs and exports it. Otherwise BASE_EXPORT is empty and nothing runs
+# runs/local/<base>, the path CONFIG names) and, if that export is missing, trains
+# experiments/<base>.py in BASE_WORKDIR (resuming there if an earlier attempt was stopped) with the
+# TRAIN_FLAGs and exports it. Otherwise BASE_EXPORT is empty and nothing runs
 # (a config from scratch, or an export given elsewhere: the trainer names a missing one).
 # Runs from the repository root with the venv on PATH.
 ensure_base() {

@@ -14,10 +14,17 @@ FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes'
 jit = functools.partial(jax.jit, compiler_options=FAST)
 
 
+def tiny_ccf_from_scratch():
+  """experiments/tiny_ccf.py without its start: tiny_ccf fine-tunes the tiny.py export, while the
+  tests shrink the model and train it from scratch."""
+  c = tiny_ccf.get_config()
+  c.init.params_only = ''
+  return c
+
+
 def small_cfg(num_segments: int, **ccf):
   """tiny_ccf shrunk to d=32, 2 layers, l=8, c=2, T=num_segments; `ccf` overrides ccf.* fields."""
-  c = tiny_ccf.get_config()
-  c.init.params_only = ''  # A shrunk model from scratch (tiny_ccf.py fine-tunes a tiny.py export).
+  c = tiny_ccf_from_scratch()
   m = c.model
   m.vocab_size, m.d_model, m.num_layers = 61, 32, 2
   m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 4, 2, 8, 48

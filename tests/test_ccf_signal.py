@@ -23,14 +23,14 @@ import pytest
 
 from ccf_jax import export as export_lib, sharding, train_step as ts, trainer
 from ccf_jax.ccf import bench_signal
-from experiments import tiny, tiny_ccf
+from experiments import tiny
+from tests import ccf_testing
 
 VOCAB, L, C, T, B = 64, 16, 4, 3, 8
 
 
 def copy_config(arch: str):
-  c = tiny_ccf.get_config()
-  c.init.params_only = ''  # A shrunk model from scratch (tiny_ccf.py fine-tunes a tiny.py export).
+  c = ccf_testing.tiny_ccf_from_scratch()
   m = c.model
   m.arch = arch
   m.vocab_size, m.d_model, m.num_layers = VOCAB, 64, 3
@@ -80,8 +80,7 @@ def test_memory_carries_the_previous_segment():
 
 
 def real_text_config():
-  c = tiny_ccf.get_config()
-  c.init.params_only = ''  # A shrunk model from scratch (tiny_ccf.py fine-tunes a tiny.py export).
+  c = ccf_testing.tiny_ccf_from_scratch()
   m = c.model
   m.vocab_size, m.d_model, m.num_layers = 512, 64, 3
   m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 4, 2, 16, 128

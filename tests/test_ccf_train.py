@@ -11,7 +11,7 @@ import pytest
 
 from ccf_jax import arch as arch_lib, model as model_lib, optim, sharding, train_step as ts
 from ccf_jax.ccf import arch as ccf_arch
-from experiments import tiny_ccf
+from tests import ccf_testing
 
 FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 B, T, L_SEG = 8, 4, 8
@@ -19,8 +19,7 @@ SEGMENT_RULES = (('batch', ('data',)), ('segment', ('fsdp',)))  # Segments shard
 
 
 def small_cfg(**ccf):
-  c = tiny_ccf.get_config()
-  c.init.params_only = ''  # A shrunk model from scratch (tiny_ccf.py fine-tunes a tiny.py export).
+  c = ccf_testing.tiny_ccf_from_scratch()
   m = c.model
   m.vocab_size, m.d_model, m.num_layers = 64, 32, 2
   m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 4, 2, 8, 48

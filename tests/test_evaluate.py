@@ -19,15 +19,14 @@ from ccf_jax import eval_ae, eval_common as ec, eval_passkey, eval_ppl, evaluate
 from ccf_jax import arch as arch_lib, model as model_lib
 from ccf_jax.ccf.arch import lm_logits
 from ccf_jax.tasks import passkey
-from experiments import tiny_ccf
+from tests import ccf_testing
 
 L, VOCAB = 8, 61
 FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
 def small_cfg(arch='ccf', **ccf):
-  c = tiny_ccf.get_config()
-  c.init.params_only = ''  # A shrunk model from scratch (tiny_ccf.py fine-tunes a tiny.py export).
+  c = ccf_testing.tiny_ccf_from_scratch()
   m = c.model
   m.arch, m.vocab_size, m.d_model, m.num_layers = arch, VOCAB, 32, 2
   m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 4, 2, 8, 48
@@ -267,8 +266,7 @@ def test_greedy_reconstruction_is_a_fixed_point_of_teacher_forcing():
 
 
 def tiny_train_cfg():
-  c = tiny_ccf.get_config()
-  c.init.params_only = ''  # A shrunk model from scratch (tiny_ccf.py fine-tunes a tiny.py export).
+  c = ccf_testing.tiny_ccf_from_scratch()
   m = c.model
   m.vocab_size, m.d_model, m.num_layers = 512, 32, 1  # Compiling the train step dominates.
   m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 2, 1, 16, 64

@@ -20,7 +20,7 @@ import pytest
 from ccf_jax import arch as arch_lib, inference, model as model_lib
 from ccf_jax.ccf import arch as ccf_arch
 from ccf_jax.inference import InferenceError
-from experiments import tiny_ccf
+from tests import ccf_testing
 
 L, C, T, VOCAB = 16, 4, 4, 61
 FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
@@ -28,8 +28,7 @@ jit = functools.partial(jax.jit, compiler_options=FAST)  # Compile time dominate
 
 
 def small_cfg(arch='ccf', vocab=VOCAB, **ccf):
-  c = tiny_ccf.get_config()
-  c.init.params_only = ''  # A shrunk model from scratch (tiny_ccf.py fine-tunes a tiny.py export).
+  c = ccf_testing.tiny_ccf_from_scratch()
   m = c.model
   m.arch, m.vocab_size, m.d_model, m.num_layers = arch, vocab, 32, 2
   m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 4, 2, 8, 48

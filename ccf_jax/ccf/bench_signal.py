@@ -36,8 +36,8 @@ while the memory's effect grew from 0.009 to 0.053; at 2,700 ccf 3.7118, memory 
 segment_local 3.6945. From scratch, CCF's weights pay for their memory in LM quality.
 `--base_steps=N` starts every model from a plain decoder pretrained for N steps per seed (the
 paper's setting, which experiments/tiny_ccf.py now is; until stop 16 it trained from scratch, as
-experiments/tiny_ccf_scratch.py does, and the runs above are that recipe): seed 0, a 2,000-step base, 1,000 fine-tuning
-steps at lr 1e-3 without auto-encoding: segment_local - CCF +0.015 / +0.020 / +0.025 / +0.024
+experiments/tiny_ccf_scratch.py does, and the runs above are that recipe): seed 0, a 2,000-step
+base, 1,000 fine-tuning steps at lr 1e-3 without auto-encoding: segment_local - CCF +0.015 / +0.020 / +0.025 / +0.024
 (paired SE 0.0017-0.0023) at steps 250..1000, memory effect 0.017 -> 0.034, ccf 3.6345, memory off
 3.6680, segment_local 3.6587. Over 3 seeds (`--base_steps=2000 --signal_seeds=3`, a base per seed,
 about 15.5 minutes a seed with the base): ccf 3.6393, memory off 3.6745, segment_local 3.6643;
