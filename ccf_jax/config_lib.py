@@ -153,7 +153,14 @@ def parse_flags(argv):
 
   from absl import flags
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    config = flags.FLAGS['config'].value if 'config' in flags.FLAGS else None
+    if config is not None:  # ml_collections defers a failed load to the first field read.
+      config.keys()
+    return rest
+  except (OSError, SyntaxError, ImportError) as e:  # A config file missing or broken: one line.
+    sys.exit(f'error: could not load --config: {" ".join(str(e).split())} Fix: pass an existing '
+             'experiments/*.py whose get_config() returns a ConfigDict.')
   except flags.Error as e:
     sys.exit(f'error: {e}\nPass --help for the flags.')
   except (KeyError, AttributeError, TypeError, ValueError) as e:

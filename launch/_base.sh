@@ -14,12 +14,14 @@ ensure_base() {
   local config="$1" base_workdir="${2:-}"
   shift $(( $# < 2 ? $# : 2 ))
   local start
+  BASE_EXPORT=""
+  # A config that cannot be read (missing, broken) needs no base: ccf_jax.train, run next on the
+  # same file, names the problem in one line, so this read stays quiet.
   start="$(python -c 'import importlib.util, sys
 spec = importlib.util.spec_from_file_location("experiment", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-print(module.get_config().init.params_only)' "$config")"
-  BASE_EXPORT=""
+print(module.get_config().init.params_only)' "$config" 2>/dev/null)" || return 0
   if [[ ! "$start" =~ ^runs/local/([A-Za-z0-9_]+)/export/?$ ]] \
       || [ ! -f "experiments/${BASH_REMATCH[1]}.py" ]; then
     return 0

@@ -191,3 +191,20 @@ def test_resume_is_bitwise_exact(straight_run, tmp_path, sig):
   import jax
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize('source', [None, 'def get_config(:\n'], ids=['missing', 'broken'])
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, source):
+  """ml_collections defers a failed config load to the first field read, which raised a chained
+  traceback from inside main; config_lib.parse_flags reports it as one line naming the file."""
+  path = tmp_path / 'exp.py'
+  if source is not None:
+    path.write_text(source)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  r = subprocess.run([sys.executable, '-m', 'ccf_jax.train', f'--config={path}',
+                      f'--workdir={tmp_path / "w"}'], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+  line, = [l for l in r.stderr.splitlines() if l.startswith('error: could not load --config')]
+  assert 'exp.py' in line and 'Fix:' in line
+  assert not (tmp_path / 'w').exists()  # Nothing written.
