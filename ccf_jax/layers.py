@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ccf_jax import sharding
+from ccf_jax import blocked_attention, sharding
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -69,12 +69,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return out.astype(x.dtype)
 
 
-def attend(q, k, v, mask):
+def attend(q, k, v, mask, block: int = 0):
   """Grouped-query softmax attention with an explicit boolean mask.
 
   q: [B, Lq, H, D]; k, v: [B, Lk, K, D] with H % K == 0; mask: bool broadcastable to [B, Lq, Lk]
-  (True = may attend). Softmax in float32. A fully masked query row returns zeros.
+  (True = may attend). Softmax in float32. A fully masked query row returns zeros. With `block` > 0
+  and more than `block` keys, the same function over key blocks (blocked_attention: transient
+  memory of one block of scores, not [Lq, Lk]).
   """
+  if block and k.shape[1] > block:
+    return blocked_attention.blocked_attend(q, k, v, mask, block)
   b, lq, h, d = q.shape
   kh = k.shape[2]
   qg = q.reshape(b, lq, kh, h // kh, d)
@@ -124,7 +128,7 @@ class Attention(nnx.Module):
     return k, v
 
   def __call__(self, h, positions, mask, kv_prefix=None, q_delta=None, v_delta=None,
-               memory_gate=None, memory_rows=None):
+               memory_gate=None, memory_rows=None, attention_block=0):
     """h: normed input [B, L, d]; kv_prefix: optional (k, v) rows [B, M, K, D] placed before h's.
 
     memory_gate: optional [heads] weights (CCF's `ccf.memory_gate='tanh'`): the first
@@ -132,6 +136,7 @@ class Attention(nnx.Module):
     added to the rest's as `memory_gate * read`, instead of sharing one softmax with them. A zero
     gate is exactly attention without those rows. The mask's last axis then spans every key row
     (memory, prefix and h's), as the CCF decoder's and the inference cache's masks do.
+    attention_block: key rows per block of `attend` (0: dense).
     """
     q = jnp.einsum('bld,dhk->blhk', h, self._w(self.wq))
     if q_delta is not None:
@@ -142,11 +147,11 @@ class Attention(nnx.Module):
       k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
       v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
     if memory_gate is None:
-      out = attend(q, k, v, mask)
+      out = attend(q, k, v, mask, attention_block)
     else:
       m = kv_prefix[0].shape[1] if memory_rows is None else memory_rows
-      read = attend(q, k[:, :m], v[:, :m], mask[..., :m])
-      out = attend(q, k[:, m:], v[:, m:], mask[..., m:])
+      read = attend(q, k[:, :m], v[:, :m], mask[..., :m], attention_block)
+      out = attend(q, k[:, m:], v[:, m:], mask[..., m:], attention_block)
       out = out + read * memory_gate.astype(read.dtype)[:, None]
     out = jnp.einsum('blhk,hkd->bld', out, self._w(self.wo))
     return sharding.constrain(out, ('batch', 'length', 'embed'))
@@ -184,10 +189,11 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x, positions, mask, kv_prefix=None, q_delta_fn=None, v_delta_fn=None,
-               memory_gate=None, memory_rows=None):
+               memory_gate=None, memory_rows=None, attention_block=0):
     h = self.attn_norm(x)
     qd = None if q_delta_fn is None else q_delta_fn(h)
     vd = None if v_delta_fn is None else v_delta_fn(h)
-    x = x + self.attn(h, positions, mask, kv_prefix, qd, vd, memory_gate, memory_rows)
+    x = x + self.attn(h, positions, mask, kv_prefix, qd, vd, memory_gate, memory_rows,
+                      attention_block)
     x = x + self.mlp(self.mlp_norm(x))
     return x, h

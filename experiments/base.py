@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   x.decoder_segment_chunk = 0  # k: decoder segments per scan step (1 serial .. T parallel); 0 = T.
   x.encoder_remat = 'model'  # Encoder layers' remat policy; 'model' = model.remat_policy.
   x.decoder_remat = 'none'  # Remat policy of each decoder chunk step (of its layers when k = T).
+  x.memory_attention_block = 0  # Decoder attention over [memory; tokens] in key blocks; 0 = dense.
   x.unrolled = False  # Debug: decoder chunks in a Python loop instead of lax.scan (same results).
   x.encoder_map_batch = 0  # Segments per lax.map step of the no-residual encoder pass; 0 = all at once.
 

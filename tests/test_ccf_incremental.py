@@ -216,6 +216,18 @@ def test_memory_window_row_slicing_equals_the_masked_buffer(mode):
   assert abs(got[0] - run(**mode)[0]) > 1e-4  # The window changes what is seen: not vacuous.
 
 
+@pytest.mark.parametrize('k', [1, T])
+def test_blocked_attention_in_the_decoder_equals_the_naive_loop(k):
+  """ccf.memory_attention_block=3 over T*c + l = 16 key rows: blocks that straddle memory and local
+  rows, a padded last block and, at k=1, blocks that the chunk's segment may not see (skipped).
+  The naive loop attends densely."""
+  cfg = small_cfg(decoder_segment_chunk=k, decoder_remat='full', encoder_remat='full',
+                  memory_attention_block=3)
+  (loss, n), grads = jit(jax.value_and_grad(objective(cfg), has_aux=True))(params(),
+                                                                           jax.random.key(0))
+  assert_same((float(loss), float(n), grads), full_reference())
+
+
 LARGE_RESERVOIR = {
     'truncated': dict(grad_mode='truncated'),
     'final': dict(grad_mode='reservoir', reservoir_semantics='final'),
@@ -342,7 +354,8 @@ def test_truncated_mode_with_sharded_chunks_equals_the_naive_loop():
 
 
 @pytest.mark.parametrize('field,value', [('decoder_segment_chunk', 3), ('encoder_map_batch', 3),
-                                         ('grad_mode', 'sparse'), ('decoder_remat', 'all')])
+                                         ('grad_mode', 'sparse'), ('decoder_remat', 'all'),
+                                         ('memory_attention_block', -1)])
 def test_config_checks(field, value):
   cfg = small_cfg(**{field: value})
   with pytest.raises(config_lib.ConfigError, match=field):
@@ -378,3 +391,30 @@ def test_unpicked_is_the_ascending_complement_of_the_reservoir():
   got = np.asarray(jit(lambda p: incremental.unpicked(p, 5))(picked))
   want = [sorted(set(range(5)) - set(row))[:3] for row in picked.tolist()]
   assert got.tolist() == want
+
+
+@pytest.mark.parametrize('block,k,window', [(0, 1, 0), (3, 1, 0), (4, 2, 0), (5, 8, 0),
+                                            (4, 1, 2), (16, 4, 0)])
+def test_decoder_key_rows_count_the_blocks_the_masks_leave_visible(block, k, window):
+  """The analytic key rows of train_flops against the decoder masks themselves: per chunk, the
+  rows of every key block in which masks.decoder_mask lets some query see a key (what
+  blocked_attention computes), averaged over chunks."""
+  t = 8
+  x = ccf_testing.small_cfg(t, decoder_segment_chunk=k, memory_attention_block=block,
+                            memory_window=window).ccf
+  c, l = x.num_memory, x.segment_len
+  sliced = window + k if window and window + k < t else 0
+  counts = []
+  for first in range(0, t, k):
+    start = min(max(first - window, 0), t - sliced) if sliced else 0
+    segs = np.repeat(np.arange(start, start + (sliced or t)), c)[None]
+    lo, hi = masks.visible_range(x, jnp.arange(first, first + k)[None])
+    mask = np.asarray(masks.decoder_mask(jnp.asarray(segs), jnp.ones(segs.shape, bool), lo, hi, l))
+    keys = mask.shape[-1]
+    if not block or keys <= block:
+      counts.append(keys)
+      continue
+    pad = -keys % block
+    blocks = np.pad(mask, [(0, 0)] * 3 + [(0, pad)]).reshape(*mask.shape[:3], -1, block)
+    counts.append(blocks.any(axis=(0, 1, 2, 4)).sum() * block)
+  assert incremental.decoder_key_rows(x) == pytest.approx(np.mean(counts))

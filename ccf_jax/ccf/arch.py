@@ -272,6 +272,8 @@ def check_config(cfg):
     require(x[name] >= 0 and (x[name] == 0 or t % x[name] == 0),
             f'ccf.{name}={x[name]} must divide ccf.num_segments={t}. Fix: a divisor of {t} '
             f'(1 = one segment at a time) or 0 (all {t} at once).')
+  require(x.memory_attention_block >= 0, f'ccf.memory_attention_block={x.memory_attention_block} '
+          'must be >= 0 (key rows per block; 0 = dense attention).')
   require(x.memory_window >= 0, f'ccf.memory_window={x.memory_window} must be >= 0 (0 = all).')
   require(x.ae_weight >= 0 and (x.ae_mode != 'alternate' or x.ae_weight <= 1),
           f'ccf.ae_weight={x.ae_weight} must be >= 0 (and <= 1 with ae_mode=alternate).')

@@ -30,6 +30,7 @@ so the foundation layers keep the segment axis sharded without knowing about it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import NamedTuple
 
@@ -286,17 +287,21 @@ def decode_segments(decoder: model_lib.Decoder, ccf_cfg, tokens: jax.Array, span
     else:
       mask = masks.decoder_mask(memory.segment, memory.valid, lo, hi, l).reshape(b * n, l, -1)
       kv = tuple(_per_query_segment(a, n) for a in (memory.k, memory.v))
+      # get(): configs exported before the field existed.
+      block = functools.partial(memory_kwargs,
+                                attention_block=ccf_cfg.get('memory_attention_block', 0))
       out, _ = decoder.run_layers(x, positions, mask, xs=(kv, memory.read_gate),
-                                  block_kwargs=memory_kwargs, remat_policy=remat_policy)
+                                  block_kwargs=block, remat_policy=remat_policy)
     logits = decoder.logits(out)
   return logits.reshape(b, n, l, -1)
 
 
-def memory_kwargs(xs, memory_rows: int | None = None) -> dict:
-  """Block arguments of one layer's slice of (memory (k, v), read_gate or None)."""
+def memory_kwargs(xs, memory_rows: int | None = None, attention_block: int = 0) -> dict:
+  """Block arguments of one layer's slice of (memory (k, v), read_gate or None); attention over
+  more than `attention_block` key rows runs in blocks (0: dense; `ccf.memory_attention_block`)."""
   kv, gate = xs
-  return {'kv_prefix': kv} if gate is None else {'kv_prefix': kv, 'memory_gate': gate,
-                                                 'memory_rows': memory_rows}
+  out = {'kv_prefix': kv, 'attention_block': attention_block}
+  return out if gate is None else dict(out, memory_gate=gate, memory_rows=memory_rows)
 
 
 def _per_query_segment(a: jax.Array, n: int) -> jax.Array:
