@@ -23,7 +23,8 @@ the rows above; its step-time ratios are medians over rounds of the per-round ra
 of 3 blocks of 20 steps still moved a ratio by up to 0.2 between two runs (steps of 40-130 ms,
 where per-op overhead weighs as much as arithmetic); paired, a round's ratio stays within about
 0.05 of the median (stop 13). `--memory_modes=reservoir_final,full_remat --memory_steps=20`
-re-measures just the step-time target; `--memory_t` picks the window lengths.
+re-measures just the step-time target; `--memory_t` picks the window lengths and `--memory_rounds`
+the number of rounds (3), whose medians the ratios are.
 
 The model is `config` when its arch is 'ccf'; any other config (the default, experiments/tiny.py)
 means `bench_model()`, a tiny CCF model sized so that the whole sweep (44 compilations, which
@@ -47,6 +48,8 @@ _TS = flags.DEFINE_list('memory_t', None, 'bench memory: these T (segments per w
                         f'{list(T_VALUES)}.')
 _STEPS = flags.DEFINE_integer('memory_steps', STEPS, 'bench memory: timed steps per configuration '
                               '(more steps, less noise in step_s; compilation dominates anyway).')
+_ROUNDS = flags.DEFINE_integer('memory_rounds', REPEATS, 'bench memory: alternating rounds (one '
+                               'block per configuration each); the ratios are medians over rounds.')
 # Remat the encoder layers and each decoder chunk step (or, with a single chunk, its layers). The
 # decoder layers inside a chunk step are not remat'd again (model.remat_policy='none'): the chunk's
 # recomputation in the backward pass keeps one chunk's residuals alive, which does not grow with T
@@ -182,12 +185,16 @@ def targets(rows: list[dict]) -> dict:
   return out
 
 
-def bench_memory(config, t_values=T_VALUES, steps: int = STEPS) -> list[dict]:
+def bench_memory(config, t_values=T_VALUES, steps: int = STEPS,
+                 rounds: int = REPEATS) -> list[dict]:
   """One record per (T, mode, k) and one per T for full attention, then the targets."""
   base = config if config.model.arch == 'ccf' else bench_model()
   wanted = set(MODES) | {'full_attention'}
   if flags.FLAGS.is_parsed():
     steps = _STEPS.value if steps == STEPS else steps
+    rounds = _ROUNDS.value if rounds == REPEATS else rounds
+    if rounds < 1:
+      raise ValueError(f'--memory_rounds={rounds}: time at least one round.')
     t_values = tuple(int(t) for t in _TS.value) if _TS.value else t_values
     if _MODES.value:
       unknown = set(_MODES.value) - wanted
@@ -199,8 +206,8 @@ def bench_memory(config, t_values=T_VALUES, steps: int = STEPS) -> list[dict]:
     for k in sorted({1, t}):
       rows += _measure_together({
           mode: _configured(base, t, 'ccf', over['model'], dict(over['ccf'], decoder_segment_chunk=k))
-          for mode, over in MODES.items() if mode in wanted}, steps)
+          for mode, over in MODES.items() if mode in wanted}, steps, rounds)
     if 'full_attention' in wanted:
       rows += _measure_together({'full_attention': _configured(base, t, 'full_attention',
-                                                               NO_REMAT['model'], {})}, steps)
+                                                               NO_REMAT['model'], {})}, steps, rounds)
   return rows + [targets(rows)]
