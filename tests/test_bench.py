@@ -35,6 +35,12 @@ def test_bench_unknown_subcommand_is_a_usage_error():
   assert 'usage: python -m ccf_jax.bench {train,data,memory,signal' in r.stderr
 
 
+def test_bench_memory_rejects_zero_rounds_before_compiling():
+  r = _bench('memory', '--memory_rounds=0')
+  assert r.returncode != 0 and '--memory_rounds=0: 0 is not a positive integer' in r.stderr
+  assert 'Traceback' not in r.stderr and not r.stdout.strip()
+
+
 def test_every_subcommand_module_imports_with_the_dispatcher():
   # Importing a subcommand's module next to bench's own flags must not redefine any flag; its own
   # flags then parse (absl's --helpfull lists them, and exits 1 by design).

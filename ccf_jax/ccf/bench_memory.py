@@ -47,9 +47,11 @@ _MODES = flags.DEFINE_list('memory_modes', None, 'bench memory: only these MODES
 _TS = flags.DEFINE_list('memory_t', None, 'bench memory: these T (segments per window) instead of '
                         f'{list(T_VALUES)}.')
 _STEPS = flags.DEFINE_integer('memory_steps', STEPS, 'bench memory: timed steps per configuration '
-                              '(more steps, less noise in step_s; compilation dominates anyway).')
+                              '(more steps, less noise in step_s; compilation dominates anyway).',
+                              lower_bound=1)
 _ROUNDS = flags.DEFINE_integer('memory_rounds', REPEATS, 'bench memory: alternating rounds (one '
-                               'block per configuration each); the ratios are medians over rounds.')
+                               'block per configuration each); the ratios are medians over rounds.',
+                               lower_bound=1)
 # Remat the encoder layers and each decoder chunk step (or, with a single chunk, its layers). The
 # decoder layers inside a chunk step are not remat'd again (model.remat_policy='none'): the chunk's
 # recomputation in the backward pass keeps one chunk's residuals alive, which does not grow with T
@@ -193,8 +195,6 @@ def bench_memory(config, t_values=T_VALUES, steps: int = STEPS,
   if flags.FLAGS.is_parsed():
     steps = _STEPS.value if steps == STEPS else steps
     rounds = _ROUNDS.value if rounds == REPEATS else rounds
-    if rounds < 1:
-      raise ValueError(f'--memory_rounds={rounds}: time at least one round.')
     t_values = tuple(int(t) for t in _TS.value) if _TS.value else t_values
     if _MODES.value:
       unknown = set(_MODES.value) - wanted
