@@ -13,8 +13,8 @@ same window. One JSON object per configuration:
                  backward and remat recomputation included; XLA's cost_analysis counts a scan body
                  once, so it is never used for scanned code); model_flops: the objective's (full
                  back-propagation, no recomputation);
-  step_s         measured seconds per step: the fastest of REPEATS blocks of STEPS steps (each
-                 block's mean) after a warm-up step; block_s lists the blocks.
+  step_s         measured seconds per step: the fastest of --memory_rounds blocks of
+                 --memory_steps steps (each block's mean) after a warm-up step; block_s lists them.
 The modes of one (T, k) are compiled together (`bench.TrainTimer`) and timed in alternating rounds,
 one block each per round, so that a change in the machine's load lands on all of them alike.
 A last object ('memory_targets') evaluates the issue's targets for `reservoir_final` (S=2) from
@@ -24,7 +24,7 @@ of 3 blocks of 20 steps still moved a ratio by up to 0.2 between two runs (steps
 where per-op overhead weighs as much as arithmetic); paired, a round's ratio stays within about
 0.05 of the median (stop 13). `--memory_modes=reservoir_final,full_remat --memory_steps=20`
 re-measures just the step-time target; `--memory_t` picks the window lengths and `--memory_rounds`
-the number of rounds (3), whose medians the ratios are.
+the number of rounds (3 by default) that the ratios are medians over.
 
 The model is `config` when its arch is 'ccf'; any other config (the default, experiments/tiny.py)
 means `bench_model()`, a tiny CCF model sized so that the whole sweep (44 compilations, which
@@ -208,6 +208,6 @@ def bench_memory(config, t_values=T_VALUES, steps: int = STEPS,
           mode: _configured(base, t, 'ccf', over['model'], dict(over['ccf'], decoder_segment_chunk=k))
           for mode, over in MODES.items() if mode in wanted}, steps, rounds)
     if 'full_attention' in wanted:
-      rows += _measure_together({'full_attention': _configured(base, t, 'full_attention',
-                                                               NO_REMAT['model'], {})}, steps, rounds)
+      attention = _configured(base, t, 'full_attention', NO_REMAT['model'], {})
+      rows += _measure_together({'full_attention': attention}, steps, rounds)
   return rows + [targets(rows)]
