@@ -1,176 +1,60 @@
-"""Text generation from an export: `Generator` (notebooks) and `python -m ccf_jax.generate` (CLI).
-
-    python -m ccf_jax.generate --checkpoint=EXPORT --prompt_file=prompt.txt [--max_new_tokens=128]
-        [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0] [--stop='\\n'] [--memory_window=W]
-        [--nomemory] [--ratio=R] [--output=out.jsonl]
-
-A `.jsonl` prompt file holds one prompt per line (a JSON string or an object with a "prompt"
-field) generated as one batch of different lengths; any other file is one prompt. From Python:
-
-    from ccf_jax.generate import Generator
-    gen = Generator.from_export('runs/local/tiny_ccf/export')
-    [c.text for c in gen.generate(['To be, or not', 'ROMEO:'], max_new_tokens=64)]
-
-Text is encoded exactly as the model saw it in training: `[bos] + ids` for windowed (CCF) data,
-where every document starts with bos, plain ids for packed data. Generation stops at eos by default
-(`stop` adds single-token stops such as '\\n'). All the work is `ccf_jax.inference.Engine`'s; this
-module only adds the tokenizer and the command line.
-"""
+"""`python -m ccf_jax.generate --checkpoint=EXPORT --prompt_file=FILE`: streaming generation from an
+export (the library, with the notebook API `Generator`, is `ccf_jax/inference/generator.py`)."""
 
 from __future__ import annotations
 
 import codecs
 import dataclasses
 import json
-import os
 import sys
-from typing import Sequence
 
 from absl import app, flags
-import ml_collections
 
-from ccf_jax import config_lib
-from ccf_jax.inference import Engine, InferenceError
+from ccf_jax.checkpoint import CheckpointError
+from ccf_jax.core import config_lib
+from ccf_jax.data import DataError
+from ccf_jax.inference.engine import InferenceError
+from ccf_jax.inference.generator import Generator, read_prompts
 
-
-@dataclasses.dataclass
-class Completion:
-  prompt: str
-  text: str
-  tokens: list
-  finish_reason: str  # 'stop' | 'length'.
-
-
-class Generator:
-  """An inference Engine plus the tokenizer of the export it was loaded from."""
-
-  def __init__(self, engine: Engine, tokenizer, add_bos: bool):
-    self.engine, self.tokenizer, self.add_bos = engine, tokenizer, add_bos
-    self.last_stats: dict = {}
-
-  @classmethod
-  def from_export(cls, path: str, **engine_options) -> 'Generator':
-    """Loads params, config and tokenizer of an export (`python -m ccf_jax.export`). Options go
-    to `Engine`: memory (False: each segment alone), memory_window, ratio, max_position,
-    prefill_chunk, prefill_segments."""
-    from ccf_jax import export as export_lib
-    from ccf_jax.data.tokenizer import load_tokenizer
-    params, config_dict, tok_path = export_lib.load_export(path)
-    if tok_path is None:
-      raise InferenceError(f'{path} has no tokenizer.model, so text cannot be encoded. Fix: '
-                           're-export with --tokenizer=PATH/TO/tokenizer.model.')
-    config = ml_collections.ConfigDict(config_dict)
-    tokenizer = load_tokenizer(tok_path)
-    if tokenizer.vocab_size > config.model.vocab_size:
-      raise InferenceError(f'the export tokenizer has {tokenizer.vocab_size} ids but the model '
-                           f'only {config.model.vocab_size} (model.vocab_size): a mismatched '
-                           'export. Fix: re-export with the tokenizer the run trained with.')
-    add_bos = config.data.mode == 'windows' and tokenizer.bos_id >= 0
-    return cls(Engine(config, params, **engine_options), tokenizer, add_bos)
-
-  def encode(self, text: str) -> list:
-    return ([self.tokenizer.bos_id] if self.add_bos else []) + list(self.tokenizer.encode(text))
-
-  def stop_ids(self, stop: Sequence | None) -> list:
-    """Token ids of stops (ids or single-token strings); eos is always one."""
-    ids = [self.tokenizer.eos_id]
-    for s in stop or ():
-      if isinstance(s, str):
-        enc = self.tokenizer.encode(s)
-        if len(enc) != 1:
-          raise InferenceError(f'stop string {s!r} is {len(enc)} tokens ({enc}); only '
-                               'single-token stops are supported. Fix: pass its token id or a '
-                               'shorter string.')
-        s = enc[0]
-      ids.append(int(s))
-    return ids
-
-  def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, *,
-               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               stop: Sequence | None = None, seed: int = 0) -> list:
-    """Completions of one prompt or a batch of prompts (any lengths), as `Completion`s.
-    Timing, cache size and compilation counts of the call are in `self.last_stats`."""
-    single = isinstance(prompts, str)
-    texts = [prompts] if single else list(prompts)
-    for i, t in enumerate(texts):
-      if not isinstance(t, str) or not t:
-        raise InferenceError(f'prompt {i} is empty or not a string ({t!r}). Fix: give text; '
-                             'for unconditional generation use Engine.generate([[bos_id]]).')
-    out = self.engine.generate([self.encode(t) for t in texts], max_new_tokens,
-                               temperature=temperature, top_k=top_k, top_p=top_p,
-                               stop_tokens=self.stop_ids(stop), seed=seed)
-    self.last_stats = out.stats
-    done = [Completion(p, self.tokenizer.decode(ids), ids, r)
-            for p, ids, r in zip(texts, out.tokens, out.finish_reason)]
-    return done[0] if single else done
-
-
-def read_prompts(path: str) -> list:
-  """Prompts of a file: one per line of a .jsonl (string or {"prompt": ...}), else the file."""
-  if not os.path.isfile(path):
-    raise InferenceError(f'--prompt_file={path!r} does not exist.')
-  with open(path, encoding='utf-8') as f:
-    text = f.read()
-  if not path.endswith('.jsonl'):
-    return [text]
-  prompts = []
-  for n, line in enumerate(text.splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      item = json.loads(line)
-    except ValueError as e:
-      raise InferenceError(f'{path}:{n} is not JSON ({e}).') from None
-    prompts.append(item['prompt'] if isinstance(item, dict) and 'prompt' in item else item)
-  return prompts
-
-
-def _define_flags():
-  """Defined only when run as a script: `--checkpoint` is also ccf_jax.evaluate's flag, and absl
-  refuses a second definition when both modules are imported into one process (notebooks)."""
-  flags.DEFINE_string('checkpoint', None, 'Export directory (python -m ccf_jax.export).')
-  flags.DEFINE_string('prompt_file', None, 'A text file (one prompt) or .jsonl (one per line).')
-  flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt at most.')
-  flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0 = greedy.')
-  flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens (0 = all).')
-  flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).')
-  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-  flags.DEFINE_list('stop', [], 'Extra single-token stop strings (eos always stops).')
-  flags.DEFINE_bool('memory', True, 'CCF: read earlier segments through memory (--nomemory: '
-                    'each segment alone).')
-  flags.DEFINE_integer('memory_window', None, 'CCF: attend to the memory of the last W segments '
-                       '(ccf.memory_window; bounds positions, so any length works).')
-  flags.DEFINE_integer('ratio', None, 'CCF: compression ratio, one of the model\'s ccf.ratios.')
-  flags.DEFINE_integer('max_position', None, 'Override model.max_position (positions beyond '
-                       'training: only if the model extrapolates).')
-  flags.DEFINE_string('output', None, 'Also write the completions as JSONL here.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Export directory (python -m ccf_jax.export).')
+_PROMPT_FILE = flags.DEFINE_string('prompt_file', None, 'A text file (one prompt) or .jsonl (one per line).')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt at most.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0 = greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens (0 = all).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_STOP = flags.DEFINE_list('stop', [], 'Extra single-token stop strings (eos always stops).')
+_MEMORY = flags.DEFINE_bool('memory', True, 'CCF: read earlier segments through memory (--nomemory: '
+                  'each segment alone).')
+_MEMORY_WINDOW = flags.DEFINE_integer('memory_window', None, 'CCF: attend to the memory of the last W segments '
+                     '(ccf.memory_window; bounds positions, so any length works).')
+_RATIO = flags.DEFINE_integer('ratio', None, 'CCF: compression ratio, one of the model\'s ccf.ratios.')
+_MAX_POSITION = flags.DEFINE_integer('max_position', None, 'Override model.max_position (positions beyond '
+                     'training: only if the model extrapolates).')
+_OUTPUT = flags.DEFINE_string('output', None, 'Also write the completions as JSONL here.')
 
 
 def main(argv):
-  f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  if not f.checkpoint or not f.prompt_file:
+  if not _CHECKPOINT.value or not _PROMPT_FILE.value:
     raise app.UsageError('--checkpoint=EXPORT and --prompt_file=FILE are required.')
-  from ccf_jax.checkpoint import CheckpointError
-  from ccf_jax.data import DataError
   try:
-    gen = Generator.from_export(f.checkpoint, memory=f.memory, memory_window=f.memory_window,
-                                ratio=f.ratio, max_position=f.max_position)
-    stop = [codecs.decode(s, 'unicode_escape') for s in f.stop]  # Shell --stop='\n': newline.
-    out = gen.generate(read_prompts(f.prompt_file), f.max_new_tokens, temperature=f.temperature,
-                       top_k=f.top_k, top_p=f.top_p, stop=stop, seed=f.seed)
+    gen = Generator.from_export(_CHECKPOINT.value, memory=_MEMORY.value, memory_window=_MEMORY_WINDOW.value,
+                                ratio=_RATIO.value, max_position=_MAX_POSITION.value)
+    stop = [codecs.decode(s, 'unicode_escape') for s in _STOP.value]  # Shell --stop='\n': newline.
+    out = gen.generate(read_prompts(_PROMPT_FILE.value), _MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
+                       top_k=_TOP_K.value, top_p=_TOP_P.value, stop=stop, seed=_SEED.value)
   except (InferenceError, CheckpointError, DataError) as e:
     sys.exit(f'error ({type(e).__name__}): {e}')
   for i, c in enumerate(out):
     print(f'=== completion {i} ({c.finish_reason}, {len(c.tokens)} tokens) ===\n{c.text}')
   print(json.dumps({'stats': gen.last_stats}), file=sys.stderr, flush=True)
-  if f.output:
-    with open(f.output, 'w', encoding='utf-8') as fh:
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, 'w', encoding='utf-8') as fh:
       for c in out:
         fh.write(json.dumps(dataclasses.asdict(c)) + '\n')
 
 
 if __name__ == '__main__':
-  _define_flags()
   app.run(main, flags_parser=config_lib.parse_flags)

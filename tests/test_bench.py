@@ -54,7 +54,7 @@ def test_every_subcommand_module_imports_with_the_dispatcher():
 def test_bench_memory_times_configurations_in_alternating_rounds():
   # In process, on the plain decoder (its step compiles in about a second; CCF steps take ~10 s).
   from experiments import tiny
-  from ccf_jax.ccf import bench_memory
+  from ccf_jax.bench import memory as bench_memory
   c = tiny.get_config()
   m = c.model
   m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim, m.vocab_size = (
@@ -71,7 +71,7 @@ def test_bench_memory_times_configurations_in_alternating_rounds():
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
-  from ccf_jax.ccf import bench_memory
+  from ccf_jax.bench import memory as bench_memory
   res = {'block_s': [1.0, 2.0, 6.0], 'step_s': 1.0}
   ref = {'block_s': [2.0, 2.0, 4.0], 'step_s': 2.0}
   assert bench_memory.paired_ratio(res, ref) == 1.0  # Ratios 0.5, 1.0, 1.5.

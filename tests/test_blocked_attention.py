@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccf_jax import layers
-from ccf_jax.blocked_attention import blocked_attend
+from ccf_jax.model import layers
+from ccf_jax.model.blocked_attention import blocked_attend
 from tests.ccf_testing import jit
 
 B, LQ, H, K, D, LK = 2, 5, 4, 2, 8, 13

@@ -8,8 +8,12 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 
-from ccf_jax import arch as arch_lib, config_lib, model as model_lib, optim, sharding
-from ccf_jax import train_step as ts
+from ccf_jax import registry as arch_lib
+from ccf_jax.core import config_lib
+from ccf_jax.model import decoder as model_lib
+from ccf_jax.train import optim
+from ccf_jax.core import sharding
+from ccf_jax.train import step as ts
 from experiments import tiny_ccf
 
 LLAMA2_7B = 6_738_415_616  # Llama-2-7B's parameter count.

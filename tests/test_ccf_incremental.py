@@ -18,9 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccf_jax import arch as arch_lib, config_lib, model as model_lib, optim, reservoir, sharding
-from ccf_jax import train_step as ts
-from ccf_jax.ccf import arch as ccf_arch, incremental, masks
+from ccf_jax import registry as arch_lib
+from ccf_jax.core import config_lib
+from ccf_jax.model import decoder as model_lib
+from ccf_jax.train import optim
+from ccf_jax.ccf import reservoir
+from ccf_jax.core import sharding
+from ccf_jax.train import step as ts
+from ccf_jax.ccf import arch as ccf_arch, flops as ccf_flops, incremental, masks
 from ccf_jax.ccf.model import decode_segments, module_config
 from tests import ccf_testing
 from tests.ccf_testing import B, C, FAST, L_SEG, jit
@@ -363,12 +368,12 @@ def test_config_checks(field, value):
 
 
 def test_analytic_flops_follow_the_mode():
-  full = incremental.train_flops(small_cfg(), B)
-  assert full == pytest.approx(ccf_arch.ccf_train_flops(small_cfg(), B))
-  f = ccf_arch.ccf_forward_flops(small_cfg(), B)
-  final = incremental.train_flops(small_cfg(grad_mode='reservoir', reservoir_size=1), B)
+  full = ccf_flops.train_flops(small_cfg(), B)
+  assert full == pytest.approx(ccf_flops.ccf_train_flops(small_cfg(), B))
+  f = ccf_flops.ccf_forward_flops(small_cfg(), B)
+  final = ccf_flops.train_flops(small_cfg(grad_mode='reservoir', reservoir_size=1), B)
   assert final == pytest.approx(full - f['encoder'] * (3 - 1 - 2 / T))  # Each segment encoded once.
-  remat = incremental.train_flops(small_cfg(decoder_remat='full', encoder_remat='full',
+  remat = ccf_flops.train_flops(small_cfg(decoder_remat='full', encoder_remat='full',
                                             decoder_segment_chunk=1), B)
   assert remat == pytest.approx(full + f['encoder'] + f['decoder'])
 
@@ -417,4 +422,4 @@ def test_decoder_key_rows_count_the_blocks_the_masks_leave_visible(block, k, win
     pad = -keys % block
     blocks = np.pad(mask, [(0, 0)] * 3 + [(0, pad)]).reshape(*mask.shape[:3], -1, block)
     counts.append(blocks.any(axis=(0, 1, 2, 4)).sum() * block)
-  assert incremental.decoder_key_rows(x) == pytest.approx(np.mean(counts))
+  assert ccf_flops.decoder_key_rows(x) == pytest.approx(np.mean(counts))

@@ -16,7 +16,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ccf_jax import arch as arch_lib, model as model_lib
+from ccf_jax import registry as arch_lib
+from ccf_jax.core import config_lib
+from ccf_jax.model import decoder as model_lib
 from ccf_jax.ccf import arch as ccf_arch, masks
 from ccf_jax.ccf.model import module_config
 from tests import ccf_testing
@@ -379,4 +381,4 @@ def test_masks_and_positions_follow_the_rules():
   cfg = small_cfg(memory_window=2).ccf
   lo, hi = masks.visible_range(cfg, jnp.arange(5)[None])
   np.testing.assert_array_equal(lo, [[0, 0, 0, 1, 2]])
-  assert masks.max_relative_position(cfg, 100) == 2 * C + L_SEG
+  assert config_lib.max_relative_position(cfg, 100) == 2 * C + L_SEG

@@ -21,8 +21,11 @@ import jax
 import numpy as np
 import pytest
 
-from ccf_jax import export as export_lib, sharding, train_step as ts, trainer
-from ccf_jax.ccf import bench_signal
+from ccf_jax.checkpoint import export as export_lib
+from ccf_jax.core import sharding
+from ccf_jax.train import step as ts
+from ccf_jax.train import trainer
+from ccf_jax.bench import signal as bench_signal
 from experiments import tiny
 from tests import ccf_testing
 

@@ -9,7 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccf_jax import arch as arch_lib, model as model_lib, optim, sharding, train_step as ts
+from ccf_jax import registry as arch_lib
+from ccf_jax.model import decoder as model_lib
+from ccf_jax.train import optim
+from ccf_jax.core import sharding
+from ccf_jax.train import step as ts
 from ccf_jax.ccf import arch as ccf_arch
 from tests import ccf_testing
 

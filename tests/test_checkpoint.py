@@ -23,7 +23,7 @@ import optax
 import pytest
 
 from ccf_jax import checkpoint as ckpt
-from ccf_jax import export as export_lib
+from ccf_jax.checkpoint import export as export_lib
 from experiments import base
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

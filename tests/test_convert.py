@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from ccf_jax import convert, export as export_lib, hf_tokenizer, model as model_lib
+from ccf_jax.interop import hf as convert
+from ccf_jax.checkpoint import export as export_lib
+from ccf_jax.interop import hf_tokenizer
+from ccf_jax.model import decoder as model_lib
 from experiments import base
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,7 +154,8 @@ def test_llama3_rope_config_forms_agree():
 
 
 def test_trainer_init_from_hf():
-  from ccf_jax import arch as arch_lib, trainer
+  from ccf_jax import registry as arch_lib
+  from ccf_jax.train import trainer
   cfg = base.get_config()
   d = fixture('llama3_rope_tied_legacy')
   cfg.model = model_cfg(convert.hf_config_to_model_config(convert.read_hf_config(d)), 'bfloat16')
@@ -252,7 +256,7 @@ def ccf_config(d):
 
 
 def test_adapter_exports_alone_and_reattaches(tmp_path):
-  from ccf_jax import arch as arch_lib
+  from ccf_jax import registry as arch_lib
   d = fixture('llama2_gqa_untied')
   cfg = ccf_config(d)
   arch = arch_lib.get_arch(cfg)

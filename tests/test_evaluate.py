@@ -15,8 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccf_jax import eval_ae, eval_common as ec, eval_passkey, eval_ppl, evaluate
-from ccf_jax import arch as arch_lib, model as model_lib
+from ccf_jax.eval import autoencode as eval_ae
+from ccf_jax.eval import common as ec
+from ccf_jax.eval import passkey as eval_passkey
+from ccf_jax.eval import ppl as eval_ppl
+from ccf_jax.eval import runner as evaluate
+from ccf_jax import registry as arch_lib
+from ccf_jax.model import decoder as model_lib
 from ccf_jax.ccf.arch import lm_logits
 from ccf_jax.tasks import passkey
 from tests import ccf_testing
@@ -282,7 +287,8 @@ def tiny_train_cfg():
 
 @pytest.mark.slow
 def test_quick_report_end_to_end(tmp_path):
-  from ccf_jax import export as export_lib, trainer
+  from ccf_jax.checkpoint import export as export_lib
+  from ccf_jax.train import trainer
   work, exp, out = (str(tmp_path / n) for n in ('work', 'export', 'eval'))
   trainer.train_and_evaluate(tiny_train_cfg(), work)
   export_lib.export(work, exp)

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ccf_jax import flops, model as model_lib
+from ccf_jax.ccf import flops as ccf_flops
+from ccf_jax.core import flops
+from ccf_jax.model import decoder as model_lib
 from tests.test_model import tiny_cfg
 
 
@@ -43,7 +45,7 @@ def test_scanned_program_undercounts_by_trip_count():
 
 def _ccf_encoder_case(scan_layers: bool):
   from experiments import tiny_ccf
-  from ccf_jax import arch as arch_lib
+  from ccf_jax import registry as arch_lib
   from ccf_jax.ccf import arch as ccf_arch
   cfg = tiny_ccf.get_config()
   m = cfg.model
@@ -63,7 +65,7 @@ def test_ccf_encoder_flops_match_unrolled_xla():
   from ccf_jax.ccf import arch as ccf_arch
   cfg, fn, params, tokens = _ccf_encoder_case(scan_layers=False)
   got = xla_flops(fn, params, tokens)
-  want = ccf_arch.ccf_forward_flops(cfg, 2)['encoder']
+  want = ccf_flops.ccf_forward_flops(cfg, 2)['encoder']
   assert abs(got - want) / want < 0.03, (got, want)
 
 

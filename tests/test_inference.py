@@ -17,9 +17,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ccf_jax import arch as arch_lib, inference, model as model_lib
+from ccf_jax import registry as arch_lib
+from ccf_jax.inference import engine as inference
+from ccf_jax.model import decoder as model_lib
 from ccf_jax.ccf import arch as ccf_arch
-from ccf_jax.inference import InferenceError
+from ccf_jax.inference.engine import InferenceError
 from tests import ccf_testing
 
 L, C, T, VOCAB = 16, 4, 4, 61
@@ -239,9 +241,9 @@ def test_bad_inputs_give_clear_errors():
 def test_generator_and_cli_from_an_export(tmp_path):
   """Text in, text out from an export (random CCF model, a tiny trained tokenizer), in Python
   and through `python -m ccf_jax.generate`."""
-  from ccf_jax import export as export_lib
+  from ccf_jax.checkpoint import export as export_lib
   from ccf_jax.data import tokenizer as tok_lib
-  from ccf_jax.generate import Generator, read_prompts
+  from ccf_jax.inference.generator import Generator, read_prompts
   text = 'To be, or not to be, that is the question.\nWhether tis nobler in the mind to suffer.\n'
   tok = tok_lib.train_tokenizer([text * 20], 300, str(tmp_path / 'tok'))
   cfg = small_cfg(vocab=tok.vocab_size)

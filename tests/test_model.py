@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccf_jax import model as model_lib
+from ccf_jax.model import decoder as model_lib
 from experiments import tiny
 
 

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from ccf_jax import model as model_lib, plan as plan_lib
+from ccf_jax.model import decoder as model_lib
+from ccf_jax.train import plan as plan_lib
 from experiments import base, tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

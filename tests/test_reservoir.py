@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccf_jax import reservoir
+from ccf_jax.ccf import reservoir
 
 N_KEYS = 4000
 T = 16

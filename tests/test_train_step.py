@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccf_jax import config_lib, optim, sharding, train_step as ts
+from ccf_jax.core import config_lib
+from ccf_jax.train import optim
+from ccf_jax.core import sharding
+from ccf_jax.train import step as ts
 from experiments import tiny
 
 
@@ -105,7 +108,7 @@ def test_nan_in_batch_is_caught_and_skipped():
 
 def test_weight_decay_mask_skips_norms():
   c = small_config()
-  from ccf_jax import model as model_lib
+  from ccf_jax.model import decoder as model_lib
   mask = optim.decay_mask(model_lib.abstract_params(c.model))
   assert mask['layers']['attn']['wq'] is True
   assert mask['layers']['attn_norm']['scale'] is False

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from ccf_jax import trainer
+from ccf_jax.train import trainer
 from experiments import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +94,8 @@ def test_initialisation_priority(tmp_path):
   Each lower-priority source is set to a path that does not exist, so using it would fail. A
   constant schedule keeps the compiled step independent of train.steps, so the first three runs
   share one program (the session's compilation cache, see conftest)."""
-  from ccf_jax import checkpoint, export
+  from ccf_jax import checkpoint
+  from ccf_jax.checkpoint import export
   missing = str(tmp_path / 'does_not_exist')
   a = str(tmp_path / 'a')
   trainer.train_and_evaluate(small(train__steps=3, train__warmup_steps=1,

@@ -32,9 +32,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ccf_jax import arch as arch_lib, config_lib, flops, model as model_lib
-from ccf_jax.arch import token_ce_sums
-from ccf_jax.ccf import incremental, masks
+from ccf_jax.ccf import flops as ccf_flops, incremental, masks
+from ccf_jax.core import config_lib
+from ccf_jax.model import decoder as model_lib
+from ccf_jax.model.arch import Arch, decoder_train_flops, token_ce_sums
 from ccf_jax.ccf.model import (Adapter, CCFModel, decode_segments, memory_from_embedding,
                                module_config, separate_encoder)
 
@@ -191,124 +192,13 @@ def from_base_params(cfg, base: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# Analytic FLOPs (flops.py conventions: matmuls only, full attention rectangles, train = 3x).
+# The architectures (ccf_jax/registry.py maps their names).
 
-
-def ccf_forward_flops(cfg, batch_size: int) -> dict:
-  """Forward FLOPs of one step by part: 'encoder' (its computed blocks with their q/v LoRA),
-  'project' (memory K/V with the transfer LoRA), 'decoder', 'ae' (auto-encoding, ae_mode 'extra')."""
-  m, x = cfg.model, cfg.ccf
-  l, c, t = x.segment_len, x.num_memory, x.num_segments
-  n = batch_size * t
-  kv = m.num_kv_heads * m.head_dim  # Each LoRA costs 2 * rank * (d + out) per token.
-  lora = 2 * n * m.num_layers * x.lora_rank
-  # The encoder runs latent_blocks(L) whole blocks: L - 1 from L = 3 on (the last one's latent is
-  # only its input norm).
-  encoder = (flops.forward_flops(m, n * (l + c), l + c, l + c, with_head=False)
-             + lora * (l + c) * (2 * m.d_model + m.num_heads * m.head_dim + kv))
-  encoder *= model_lib.latent_blocks(m.num_layers) / m.num_layers
-  project = 2 * n * c * m.num_layers * m.d_model * 2 * kv + lora * c * 2 * (m.d_model + kv)
-  decoder = flops.forward_flops(m, n * l, l, t * c + l)
-  ae = flops.forward_flops(m, batch_size * l, l, t * c + l) if x.ae_mode == 'extra' else 0.0
-  return {'encoder': encoder, 'project': project, 'decoder': decoder, 'ae': ae}
-
-
-def encoder_backward_passes(ccf_cfg) -> float:
-  """Forward-equivalents of the encoder's backward pass: 2 (activation and weight gradients), or 1
-  under ccf.encoder_trains_base=False, where the base weights are constants and only activation
-  gradients flow (to the memory vectors and the LoRAs, whose weight gradients are negligible)."""
-  return 2.0 if ccf_cfg.encoder_trains_base else 1.0
-
-
-def ccf_train_flops(cfg, batch_size: int) -> float:
-  """Model FLOPs of the objective (full back-propagation, no recomputation); what a step executes
-  under grad_mode and remat is incremental.train_flops."""
-  f = ccf_forward_flops(cfg, batch_size)
-  return 3.0 * sum(f.values()) - (2.0 - encoder_backward_passes(cfg.ccf)) * f['encoder']
-
-
-def segment_local_train_flops(cfg, batch_size: int) -> float:
-  x = cfg.ccf
-  n = batch_size * x.num_segments * x.segment_len
-  return 3.0 * flops.forward_flops(cfg.model, n, x.segment_len, x.segment_len)
-
-
-# ------------------------------------------------------------------------------------------------
-# Config checks (called from config_lib.validate for the three archs).
-
-
-def check_config(cfg):
-  """Raises ConfigError on CCF settings that cannot work, naming the field and the fix."""
-  m, x = cfg.model, cfg.ccf
-  l, c, t = x.segment_len, x.num_memory, x.num_segments
-
-  def require(cond, msg):
-    if not cond:
-      raise ConfigError(msg)
-
-  require(cfg.data.mode == 'windows', f"model.arch={m.arch!r} reads whole-document windows. Fix: "
-          f"--config.data.mode=windows (data.mode={cfg.data.mode!r}).")
-  require(t >= 1, f'ccf.num_segments={t} must be at least 1.')
-  for name, options in (('mode', ('pretrain', 'adapter')), ('mask', ('nested', 'plain')),
-                        ('memory_positions', ('sequential', 'segment')),
-                        ('memory_gate', ('none', 'tanh')),
-                        ('ae_mode', ('off', 'extra', 'alternate')),
-                        ('grad_mode', incremental.GRAD_MODES),
-                        ('reservoir_semantics', incremental.SEMANTICS),
-                        ('encoder_remat', ('model', *model_lib.REMAT_POLICIES)),
-                        ('decoder_remat', tuple(model_lib.REMAT_POLICIES))):
-    require(x[name] in options, f'ccf.{name}={x[name]!r}; choose one of {options}.')
-  require(x.encoder_trains_base or (x.mode == 'pretrain' and x.shared_weights),
-          'ccf.encoder_trains_base=False cuts the encoder\'s gradient into the weights it shares '
-          f'with the decoder; it needs ccf.mode=pretrain and ccf.shared_weights=True (got mode='
-          f'{x.mode!r}, shared_weights={x.shared_weights}). Fix: --config.ccf.encoder_trains_base'
-          '=True.')
-  require(x.memory_gate == 'tanh' or x.memory_gate_init == 0.0,
-          f'ccf.memory_gate_init={x.memory_gate_init} initialises the gated read, but '
-          f"ccf.memory_gate={x.memory_gate!r}. Fix: --config.ccf.memory_gate=tanh.")
-  require(x.lora_rank >= 1, f'ccf.lora_rank={x.lora_rank} must be at least 1.')
-  require(x.reservoir_size >= 1, f'ccf.reservoir_size={x.reservoir_size} must be at least 1.')
-  for name in ('decoder_segment_chunk', 'encoder_map_batch'):
-    require(x[name] >= 0 and (x[name] == 0 or t % x[name] == 0),
-            f'ccf.{name}={x[name]} must divide ccf.num_segments={t}. Fix: a divisor of {t} '
-            f'(1 = one segment at a time) or 0 (all {t} at once).')
-  require(x.memory_attention_block >= 0, f'ccf.memory_attention_block={x.memory_attention_block} '
-          'must be >= 0 (key rows per block; 0 = dense attention).')
-  require(x.memory_window >= 0, f'ccf.memory_window={x.memory_window} must be >= 0 (0 = all).')
-  require(x.ae_weight >= 0 and (x.ae_mode != 'alternate' or x.ae_weight <= 1),
-          f'ccf.ae_weight={x.ae_weight} must be >= 0 (and <= 1 with ae_mode=alternate).')
-  require(-1 <= x.memory_init_token < m.vocab_size,
-          f'ccf.memory_init_token={x.memory_init_token} is not -1 or a token id < {m.vocab_size}.')
-  ratios = tuple(x.ratios)
-  if ratios:
-    require(all(r > 0 and l % r == 0 for r in ratios),
-            f'ccf.ratios={ratios}: every ratio must divide ccf.segment_len={l}.')
-    require(l // min(ratios) == c, f'ccf.ratios={ratios} needs ccf.num_memory = segment_len / '
-            f'min(ratios) = {l // min(ratios)} memory slots (got {c}). Fix: '
-            f'--config.ccf.num_memory={l // min(ratios)}.')
-  if m.arch == 'ccf':
-    need = masks.max_relative_position(x, t)
-    fit = ((m.max_position - l) // c if x.memory_positions == 'sequential'
-           else m.max_position // l - 1)
-    require(need <= m.max_position,
-            f'windows of {t} segments need rotary positions up to {need} (memory_positions='
-            f'{x.memory_positions!r}, memory_window={x.memory_window}) but model.max_position='
-            f'{m.max_position}. Fix: --config.ccf.memory_window={max(fit, 1)} (the most segments '
-            'whose memory fits), fewer segments, or a larger model.max_position.')
-  else:
-    require(l <= m.max_position,
-            f'ccf.segment_len={l} exceeds model.max_position={m.max_position}.')
-
-
-# ------------------------------------------------------------------------------------------------
-# Registration.
-
-arch_lib.register(arch_lib.Arch(
-    'ccf', CCFModel, ccf_loss, ccf_train_flops, is_trainable=is_trainable,
-    module_config=module_config, from_base_params=from_base_params, eval_loss=eval_loss))
-arch_lib.register(arch_lib.Arch(
-    'segment_local', model_lib.Decoder, baseline_loss, segment_local_train_flops,
-    eval_loss=lambda cfg, params, batch: lm_loss(cfg, params, batch, 'off')))
-arch_lib.register(arch_lib.Arch(
-    'full_attention', model_lib.Decoder, baseline_loss, arch_lib.decoder_train_flops,
-    eval_loss=lambda cfg, params, batch: lm_loss(cfg, params, batch, 'off')))
+ARCHS = (
+    Arch('ccf', CCFModel, ccf_loss, ccf_flops.ccf_train_flops, is_trainable=is_trainable,
+         module_config=module_config, from_base_params=from_base_params, eval_loss=eval_loss),
+    Arch('segment_local', model_lib.Decoder, baseline_loss, ccf_flops.segment_local_train_flops,
+         eval_loss=lambda cfg, params, batch: lm_loss(cfg, params, batch, 'off')),
+    Arch('full_attention', model_lib.Decoder, baseline_loss, decoder_train_flops,
+         eval_loss=lambda cfg, params, batch: lm_loss(cfg, params, batch, 'off')),
+)

@@ -49,12 +49,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ccf_jax import flops, model as model_lib, reservoir
+from ccf_jax.model import decoder as model_lib
+from ccf_jax.ccf import reservoir
 from ccf_jax.ccf import masks
 from ccf_jax.ccf.model import CCFModel, Memory, decode_segments, module_config
 
-GRAD_MODES = ('full', 'truncated', 'reservoir')
-SEMANTICS = ('final', 'streaming')
 sg = jax.lax.stop_gradient
 
 
@@ -260,66 +259,3 @@ def lm_sums(cfg, params, tokens, valid, scored, span, key):
   memory = gated_memory(cfg, params, tokens, valid, span, key)
   sums = decode_window(cfg, _bind(cfg, params).decoder, tokens, scored, span, memory)
   return sums, memory.memory if cfg.ccf.grad_mode == 'full' else None
-
-
-# ------------------------------------------------------------------------------------------------
-# Analytic FLOPs.
-
-
-def decoder_key_rows(ccf_cfg) -> float:
-  """Key rows a decoder query's attention computes, averaged over chunk steps: the buffer's T*c rows
-  (or the W + k segments' rows a chunk slices under memory_window) and the segment's l tokens,
-  or, with `memory_attention_block`, the rows of the key blocks some query of the chunk may see
-  (blocked_attention skips the others: at k=1, the memory of the chunk's own and later segments).
-  With memory_gate='tanh' memory and tokens are two attentions, blocked apart."""
-  x = ccf_cfg
-  t, c, l = x.num_segments, x.num_memory, x.segment_len
-  k = x.decoder_segment_chunk or t
-  w = x.memory_window
-  sliced = w + k if w and w + k < t else 0
-  rows = (sliced or t) * c
-  block = x.get('memory_attention_block', 0)
-  dense = lambda n: n if not block or n <= block else -(-n // block) * block
-  if not block or rows + l <= block:
-    return float(rows + l)
-  split = x.memory_gate == 'tanh'
-  total = 0
-  for first in range(0, t, k):
-    start = min(max(first - w, 0), t - sliced) if sliced else 0  # First sliced segment.
-    lo = max(first - w, 0) if w else 0
-    seen = {((s - start) * c + j) // block for s in range(lo, first + k - 1) for j in range(c)}
-    if split:
-      total += (len(seen) * block if rows > block else rows) + dense(l)
-    else:
-      total += len(seen | {(rows + i) // block for i in range(l)}) * block
-  return total / (t // k)
-
-
-def train_flops(cfg, batch_size: int) -> float:
-  """FLOPs one train step executes under ccf.grad_mode and the remat settings (flops.py
-  conventions; a recomputation counts as one more forward, whatever the policy saves). Unlike
-  arch.ccf_train_flops (the objective's model FLOPs) this is what explains step times."""
-  from ccf_jax.ccf import arch as ccf_arch  # arch imports this module.
-  x, m = cfg.ccf, cfg.model
-  f = ccf_arch.ccf_forward_flops(cfg, batch_size)
-  t, size = x.num_segments, min(x.reservoir_size, x.num_segments)
-  enc_policy = m.remat_policy if x.encoder_remat == 'model' else x.encoder_remat
-  enc_train = 1.0 + ccf_arch.encoder_backward_passes(x) + (enc_policy != 'none')
-  per_pair = x.grad_mode == 'truncated' or (x.grad_mode == 'reservoir'
-                                            and x.reservoir_semantics == 'streaming')
-  if x.grad_mode == 'reservoir' and x.reservoir_semantics == 'final':
-    # T - S segments through the no-residual pass, S live: one forward each, then S backwards.
-    encoder = f['encoder'] * (1.0 + (enc_train - 1.0) * size / t)
-  else:
-    encoder = f['encoder'] * enc_train
-  project = f['project'] * (4.0 if per_pair else 3.0)  # Two projections, each one backward path.
-  single = (x.decoder_segment_chunk or t) == t
-  dec_remat = x.decoder_remat != 'none'
-  layer_remat = (dec_remat and single) or (m.remat_policy != 'none' and not (dec_remat and single))
-  executed = flops.forward_flops(m, batch_size * t * x.segment_len, x.segment_len,
-                                 decoder_key_rows(x))  # f['decoder'] attends to all T*c + l rows.
-  decoder = executed * (3.0 + (dec_remat and not single) + layer_remat)
-  ae = 3.0 * f['ae']
-  if f['ae'] and x.grad_mode != 'full':  # The auto-encoded segment is encoded again, live.
-    ae += ((1.0 + ccf_arch.encoder_backward_passes(x)) * f['encoder'] + 3.0 * f['project']) / t
-  return encoder + project + decoder + ae

@@ -28,7 +28,7 @@ A segment that sees no memory (the first one, or memory 'off') gets hi = 0, i.e.
 0..l-1: exactly the base decoder.
 
 Position range. What a model must support is the largest distance between a query and a key, which
-`max_relative_position` computes; `memory_window` bounds it for any document length. (Random
+`config_lib.max_relative_position` computes; `memory_window` bounds it for any document length. (Random
 global position offsets would not: under rotary they leave every score unchanged.)
 """
 
@@ -133,17 +133,3 @@ def scored_mask(ccf_cfg, loss_mask, num_valid_segments) -> jax.Array:
   if not ccf_cfg.score_first_token:
     keep = keep & (jnp.arange(w) % l != 0)[None]
   return loss_mask.astype(jnp.float32) * keep
-
-
-def max_relative_position(ccf_cfg, num_segments: int) -> int:
-  """Positions a model must cover for windows of `num_segments` segments: the largest distance
-  between a decoder query and a key it sees, plus one (and the encoder's l + 1)."""
-  l, c = ccf_cfg.segment_len, ccf_cfg.num_memory
-  visible = num_segments - 1
-  if ccf_cfg.memory_window:
-    visible = min(visible, ccf_cfg.memory_window)
-  if ccf_cfg.memory_positions == 'sequential':
-    decoder = visible * c + l
-  else:
-    decoder = (visible + 1) * l
-  return max(decoder, l + 1)

@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from ccf_jax import model as model_lib, sharding
+from ccf_jax.model import decoder as model_lib
+from ccf_jax.core import sharding
 from ccf_jax.ccf import masks
-from ccf_jax.layers import DTYPES
+from ccf_jax.model.layers import DTYPES
 
 
 class Memory(NamedTuple):

@@ -55,6 +55,7 @@ from ccf_jax.data import cache
 from ccf_jax.data import corpus as corpus_lib
 from ccf_jax.data import tokenizer as tokenizer_lib
 from ccf_jax.data.cache import DataError
+from ccf_jax.tasks import passkey
 
 _TOKENS_VERSION = 1
 _SPLITS = corpus_lib.SPLIT_NAMES
@@ -325,7 +326,6 @@ def passkey_sources(config, split: str, tok: tokenizer_lib.Tokenizer):
   instead of corpus text; the corpus still trains the tokenizer. Train is an endless seeded
   stream with the curriculum; evaluation splits hold train.eval_batches batches of full windows
   from their own seeds."""
-  from ccf_jax.tasks import passkey
   d, train = config.data, split == 'train'
   n = 2**31 - 1 if train else int(config.train.eval_batches) * int(d.batch_size)
   seed = int(d.shuffle_seed) if train else 2**32 + _SPLITS.index(split)

@@ -1,0 +1,189 @@
+"""`CheckpointManager`: Orbax's manager with our items (state, grain iterator, config, metadata),
+async atomic saves, and `restore_or_init` (resume from the first good checkpoint, else initialise).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import grain
+from ccf_jax.checkpoint.integrity import (CHECKPOINTS_SUBDIR, CONFIG, DATA, FORMAT_VERSION,
+                                          METADATA, STATE, abspath, fingerprint)
+from ccf_jax.checkpoint.restore import (RestoreInfo, restore_first_good, restore_step_dir, step_dirs)
+
+
+
+# --------------------------------------------------------------------------------- the manager
+def _versions() -> dict:
+  import flax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  return {'python': platform.python_version(), 'jax': jax.__version__,
+          'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
+          'orbax_checkpoint': ocp.__version__, 'grain': getattr(grain, '__version__', 'unknown')}
+
+
+def _jsonable(x):
+  """JSON-safe copy (numpy scalars/arrays -> python, unknown objects -> str)."""
+  def default(o):
+    if isinstance(o, (np.generic, np.ndarray, jax.Array)):
+      return np.asarray(o).tolist()
+    return str(o)
+  return json.loads(json.dumps(x, default=default))
+
+
+def _config_dict(config) -> dict:
+  if config is None:
+    return {}
+  if hasattr(config, 'to_json_best_effort'):
+    return json.loads(config.to_json_best_effort())
+  return _jsonable(dict(config))
+
+
+def _mesh_shape(state) -> Optional[dict]:
+  for x in jax.tree.leaves(state):
+    mesh = getattr(getattr(x, 'sharding', None), 'mesh', None)
+    if mesh is not None and hasattr(mesh, 'shape'):
+      return {str(k): int(v) for k, v in dict(mesh.shape).items()}
+  return None
+
+
+class CheckpointManager:
+  """Saves and restores `workdir/checkpoints/<step>/`; see the module docstring for the layout.
+
+  Policies come from `config.checkpoint`: `every` (save cadence; <= 0 saves only when forced),
+  `keep_last` (newest N kept; <= 0 keeps all), `keep_every` (also keep every K-th step; 0 = off)
+  and `async_save`. Keyword arguments override the config (handy in tests and tools).
+  """
+
+  def __init__(self, workdir, config=None, *, every=None, keep_last=None, keep_every=None,
+               async_save=None):
+    ck = getattr(config, 'checkpoint', None)
+    pick = lambda v, name, default: v if v is not None else getattr(ck, name, default)
+    self.every = int(pick(every, 'every', 200))
+    self.keep_last = int(pick(keep_last, 'keep_last', 3))
+    self.keep_every = int(pick(keep_every, 'keep_every', 0))
+    self.async_save = bool(pick(async_save, 'async_save', True))
+    self.config = config
+    self.directory = abspath(workdir) / CHECKPOINTS_SUBDIR
+    self.directory.mkdir(parents=True, exist_ok=True)
+    for tmp in sorted(self.directory.glob(f'*{ocp.step.TMP_DIR_SUFFIX}*')):
+      logging.warning('Found %s, an interrupted save (the process died mid-write). It was never a '
+                      'valid checkpoint and is ignored; Orbax deletes it now.', tmp)
+    policies = [ocp.checkpoint_managers.LatestN(self.keep_last if self.keep_last > 0 else None)]
+    if self.keep_every > 0:
+      policies.append(ocp.checkpoint_managers.EveryNSteps(self.keep_every))
+    options = ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=self.async_save,
+        cleanup_tmp_directories=True,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        create=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=(STATE, DATA, CONFIG, METADATA),
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       DATA: grain.checkpoint.CheckpointHandler(),
+                       CONFIG: ocp.JsonCheckpointHandler(),
+                       METADATA: ocp.JsonCheckpointHandler()})
+    self._config_json = _config_dict(config)
+    self.last_save_blocking_s = None  # Seconds `maybe_save` blocked (the whole save if sync).
+
+  # ---------------------------------------------------------------------------------- queries
+  def all_steps(self) -> list:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def step_dir(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
+  def should_save(self, step: int, force: bool = False) -> bool:
+    """Step 0 (a fresh init, reproducible from the seed) is saved only when forced."""
+    if step in self._manager.all_steps():
+      return False  # Already on disk (e.g. a forced final save right after a periodic one).
+    return force or (self.every > 0 and step > 0 and step % self.every == 0)
+
+  # ---------------------------------------------------------------------------------- saving
+  def maybe_save(self, step: int, state, data_iter=None, force: bool = False,
+                 extra: Optional[dict] = None) -> bool:
+    """Saves `state` (and the data iterator position) at `step` if the policy says so.
+
+    Returns True if a save was started. With async saves the call returns once arrays are copied
+    to host and the iterator state is captured; call `wait()` before relying on the files.
+    `extra` (JSON-able) lands in metadata['extra']; 'tokens_seen' there is also lifted to the top.
+    """
+    step = int(step)
+    if not self.should_save(step, force):
+      return False
+    t0 = time.time()
+    extra = _jsonable(dict(extra or {}))
+    now = time.time()
+    metadata = {
+        'format': FORMAT_VERSION, 'step': step, 'tokens_seen': extra.get('tokens_seen'),
+        'saved_at_unix': now,
+        'saved_at': datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
+        'versions': _versions(), 'process_count': jax.process_count(),
+        'device_count': jax.device_count(), 'mesh': _mesh_shape(state),
+        'has_data_state': data_iter is not None,
+        'fingerprint': fingerprint(state), 'extra': extra}
+    items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(self._config_json),
+             METADATA: ocp.args.JsonSave(metadata)}
+    if data_iter is not None:
+      items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.last_save_blocking_s = time.time() - t0
+    logging.info('Checkpoint step %d %s in %.2fs: %s', step,
+                 'started (async)' if self.async_save else 'written', self.last_save_blocking_s,
+                 self.step_dir(step))
+    return bool(saved)
+
+  def wait(self):
+    """Blocks until pending async saves are committed (re-raises their errors)."""
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  # --------------------------------------------------------------------------------- restoring
+  def restore(self, step: int, abstract_state, data_iter=None):
+    """Restores one specific step (no fallback): (state, info)."""
+    self.wait()
+    step_dir = self.step_dir(step)
+    state, metadata, config = restore_step_dir(step_dir, abstract_state, data_iter, step)
+    return state, RestoreInfo('restored', step, str(step_dir), [], metadata, config)
+
+  def restore_or_init(self, abstract_state, init_fn: Callable[[], Any], data_iter=None):
+    """Resumes from the latest good checkpoint, else `init_fn()` at step 0: (state, step, info).
+
+    `abstract_state`: pytree of jax.ShapeDtypeStruct with `.sharding` (arrays are placed exactly
+    there, whatever mesh saved them). `data_iter` (grain DatasetIterator) is positioned in place.
+    Corrupt checkpoints are renamed `<step>.corrupt` with a WARNING and the previous one is tried;
+    a checkpoint that does not fit `abstract_state` raises CheckpointMismatchError.
+    """
+    self.wait()
+    candidates = step_dirs(self.directory)
+    state, step, result = restore_first_good(candidates, abstract_state, data_iter,
+                                              quarantine=True)
+    self._manager.reload()  # Quarantined steps must leave Orbax's cached step list.
+    if state is not None:
+      logging.info('Resumed: %s', result)
+      return state, step, result
+    if result:
+      logging.error('No usable checkpoint in %s (all %d were corrupt and moved aside); starting '
+                    'from scratch.', self.directory, len(result))
+    return init_fn(), 0, RestoreInfo('initialized', 0, None, result)

@@ -1,0 +1,243 @@
+"""Config validation and derived fields: the one place that knows what a valid config is.
+
+Experiment files only set values. Everything that can be checked before compiling is checked here,
+with an error that names the field and the fix: unknown fields (against the schema in
+experiments/base.py), model shape constraints, the mesh against the devices, and the batch against
+the mesh axes that carry it. Derived quantities (window length, compression ratio, tokens per step)
+are computed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from ccf_jax.core import sharding
+
+ARCHS = ('decoder', 'ccf', 'segment_local', 'full_attention')  # ccf_jax/registry.py maps them.
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')  # model/decoder.py maps them to jax's.
+GRAD_MODES = ('full', 'truncated', 'reservoir')  # ccf.grad_mode (ccf/incremental.py).
+RESERVOIR_SEMANTICS = ('final', 'streaming')  # ccf.reservoir_semantics (ccf/incremental.py).
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work, with the fix in the message."""
+
+
+def _schema():
+  from experiments import base
+  return base.get_config()
+
+
+def _check_known(cfg, schema, prefix=''):
+  for key in cfg.keys():
+    path = f'{prefix}{key}'
+    if key not in schema:
+      raise ConfigError(
+          f'unknown config field {path!r}. Fix: check the spelling against experiments/base.py '
+          f'(fields there: {sorted(schema.keys())}).')
+    sub, ref = cfg[key], schema[key]
+    if isinstance(ref, ml_collections.ConfigDict) and isinstance(sub, ml_collections.ConfigDict) and len(ref):
+      _check_known(sub, ref, path + '.')
+
+
+def _require(cond, msg):
+  if not cond:
+    raise ConfigError(msg)
+
+
+def window_len(cfg) -> int:
+  """Tokens per example: num_segments * segment_len for windowed CCF data, else data.seq_len."""
+  if cfg.data.mode == 'windows':
+    return cfg.ccf.num_segments * cfg.ccf.segment_len
+  return cfg.data.seq_len
+
+
+def compression_ratio(cfg) -> int:
+  return cfg.ccf.segment_len // cfg.ccf.num_memory
+
+
+def tokens_per_step(cfg) -> int:
+  return cfg.data.batch_size * window_len(cfg)
+
+
+def max_relative_position(ccf_cfg, num_segments: int) -> int:
+  """Positions a model must cover for windows of `num_segments` segments: the largest distance
+  between a decoder query and a key it sees, plus one (and the encoder's l + 1)."""
+  l, c = ccf_cfg.segment_len, ccf_cfg.num_memory
+  visible = num_segments - 1
+  if ccf_cfg.memory_window:
+    visible = min(visible, ccf_cfg.memory_window)
+  if ccf_cfg.memory_positions == 'sequential':
+    decoder = visible * c + l
+  else:
+    decoder = (visible + 1) * l
+  return max(decoder, l + 1)
+
+
+def validate(cfg, num_devices: int | None = None) -> ml_collections.ConfigDict:
+  """Raises ConfigError on any inconsistency; returns cfg (unchanged) for chaining."""
+  _check_known(cfg, _schema())
+  m, d, t, x = cfg.model, cfg.data, cfg.train, cfg.ccf
+  _require(m.arch in ARCHS, f'model.arch={m.arch!r}; choose one of {ARCHS}.')
+  for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim', 'mlp_dim'):
+    _require(int(m[name]) > 0, f'model.{name}={m[name]} must be positive.')
+  _require(m.num_heads % m.num_kv_heads == 0,
+           f'model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}.')
+  _require(m.head_dim % 2 == 0, f'model.head_dim={m.head_dim} must be even for rotary embeddings.')
+  _require(m.param_dtype in ('float32', 'bfloat16') and m.dtype in ('float32', 'bfloat16'),
+           'model.param_dtype and model.dtype must be float32 or bfloat16.')
+  _require(m.remat_policy in REMAT_POLICIES,
+           f'model.remat_policy={m.remat_policy!r}; choose one of {REMAT_POLICIES}.')
+  _require(d.mode in ('packed', 'windows'), f"data.mode={d.mode!r}; choose 'packed' or 'windows'.")
+  _require(d.task in ('', 'passkey'), f"data.task={d.task!r}; choose '' (corpus text) or 'passkey'.")
+  _require(d.passkey_score in ('answer', 'all'),
+           f"data.passkey_score={d.passkey_score!r}; choose 'answer' or 'all'.")
+  _require(not d.passkey_ae_key or (d.task == 'passkey' and x.ae_mode != 'off'),
+           'data.passkey_ae_key auto-encodes the key segment of passkey windows: it needs '
+           "data.task='passkey' and an auto-encoding loss. Fix: --config.ccf.ae_mode=extra.")
+  _require(d.task != 'passkey' or (d.mode == 'windows' and 2 <= (d.passkey_min_segments or
+                                                                  x.num_segments) <= x.num_segments),
+           "data.task='passkey' needs data.mode='windows' and data.passkey_min_segments in "
+           f'[2, ccf.num_segments={x.num_segments}] (or 0 = T): the key sits in segment 0 and the '
+           'question in the last. Fix: --config.data.mode=windows.')
+  _require(x.num_memory > 0 and x.segment_len % x.num_memory == 0,
+           f'ccf.segment_len={x.segment_len} is not divisible by ccf.num_memory={x.num_memory}. '
+           f'Fix: pick c dividing l (ratio r = l/c), e.g. --config.ccf.num_memory='
+           f'{max(1, x.segment_len // 8)}.')
+  _require(window_len(cfg) <= m.max_position or m.arch in ('ccf', 'segment_local'),
+           f'a window of {window_len(cfg)} tokens exceeds model.max_position={m.max_position}. '
+           f'Fix: shorten data.seq_len or raise model.max_position.')
+  _require(t.decay in ('cosine', 'linear', 'constant'), f'train.decay={t.decay!r}; cosine|linear|constant.')
+  _require(t.nonfinite in ('skip', 'stop'), f"train.nonfinite={t.nonfinite!r}; 'skip' or 'stop'.")
+  _require(t.grad_accum >= 1 and d.batch_size % t.grad_accum == 0,
+           f'data.batch_size={d.batch_size} must be divisible by train.grad_accum={t.grad_accum}.')
+  _require(t.steps > 0 and 0 <= t.warmup_steps <= t.steps,
+           f'train.warmup_steps={t.warmup_steps} must lie in [0, train.steps={t.steps}].')
+  if m.arch in ('ccf', 'segment_local', 'full_attention'):
+    _check_ccf(cfg)
+  if num_devices is not None:
+    check_mesh(cfg, num_devices)
+  return cfg
+
+
+def _check_ccf(cfg):
+  """Raises ConfigError on CCF settings that cannot work, naming the field and the fix."""
+  m, x = cfg.model, cfg.ccf
+  l, c, t = x.segment_len, x.num_memory, x.num_segments
+
+  _require(cfg.data.mode == 'windows', f"model.arch={m.arch!r} reads whole-document windows. Fix: "
+          f"--config.data.mode=windows (data.mode={cfg.data.mode!r}).")
+  _require(t >= 1, f'ccf.num_segments={t} must be at least 1.')
+  for name, options in (('mode', ('pretrain', 'adapter')), ('mask', ('nested', 'plain')),
+                        ('memory_positions', ('sequential', 'segment')),
+                        ('memory_gate', ('none', 'tanh')),
+                        ('ae_mode', ('off', 'extra', 'alternate')),
+                        ('grad_mode', GRAD_MODES),
+                        ('reservoir_semantics', RESERVOIR_SEMANTICS),
+                        ('encoder_remat', ('model', *REMAT_POLICIES)),
+                        ('decoder_remat', REMAT_POLICIES)):
+    _require(x[name] in options, f'ccf.{name}={x[name]!r}; choose one of {options}.')
+  _require(x.encoder_trains_base or (x.mode == 'pretrain' and x.shared_weights),
+          'ccf.encoder_trains_base=False cuts the encoder\'s gradient into the weights it shares '
+          f'with the decoder; it needs ccf.mode=pretrain and ccf.shared_weights=True (got mode='
+          f'{x.mode!r}, shared_weights={x.shared_weights}). Fix: --config.ccf.encoder_trains_base'
+          '=True.')
+  _require(x.memory_gate == 'tanh' or x.memory_gate_init == 0.0,
+          f'ccf.memory_gate_init={x.memory_gate_init} initialises the gated read, but '
+          f"ccf.memory_gate={x.memory_gate!r}. Fix: --config.ccf.memory_gate=tanh.")
+  _require(x.lora_rank >= 1, f'ccf.lora_rank={x.lora_rank} must be at least 1.')
+  _require(x.reservoir_size >= 1, f'ccf.reservoir_size={x.reservoir_size} must be at least 1.')
+  for name in ('decoder_segment_chunk', 'encoder_map_batch'):
+    _require(x[name] >= 0 and (x[name] == 0 or t % x[name] == 0),
+            f'ccf.{name}={x[name]} must divide ccf.num_segments={t}. Fix: a divisor of {t} '
+            f'(1 = one segment at a time) or 0 (all {t} at once).')
+  _require(x.memory_attention_block >= 0, f'ccf.memory_attention_block={x.memory_attention_block} '
+          'must be >= 0 (key rows per block; 0 = dense attention).')
+  _require(x.memory_window >= 0, f'ccf.memory_window={x.memory_window} must be >= 0 (0 = all).')
+  _require(x.ae_weight >= 0 and (x.ae_mode != 'alternate' or x.ae_weight <= 1),
+          f'ccf.ae_weight={x.ae_weight} must be >= 0 (and <= 1 with ae_mode=alternate).')
+  _require(-1 <= x.memory_init_token < m.vocab_size,
+          f'ccf.memory_init_token={x.memory_init_token} is not -1 or a token id < {m.vocab_size}.')
+  ratios = tuple(x.ratios)
+  if ratios:
+    _require(all(r > 0 and l % r == 0 for r in ratios),
+            f'ccf.ratios={ratios}: every ratio must divide ccf.segment_len={l}.')
+    _require(l // min(ratios) == c, f'ccf.ratios={ratios} needs ccf.num_memory = segment_len / '
+            f'min(ratios) = {l // min(ratios)} memory slots (got {c}). Fix: '
+            f'--config.ccf.num_memory={l // min(ratios)}.')
+  if m.arch == 'ccf':
+    need = max_relative_position(x, t)
+    fit = ((m.max_position - l) // c if x.memory_positions == 'sequential'
+           else m.max_position // l - 1)
+    _require(need <= m.max_position,
+            f'windows of {t} segments need rotary positions up to {need} (memory_positions='
+            f'{x.memory_positions!r}, memory_window={x.memory_window}) but model.max_position='
+            f'{m.max_position}. Fix: --config.ccf.memory_window={max(fit, 1)} (the most segments '
+            'whose memory fits), fewer segments, or a larger model.max_position.')
+  else:
+    _require(l <= m.max_position,
+            f'ccf.segment_len={l} exceeds model.max_position={m.max_position}.')
+
+
+def check_mesh(cfg, num_devices: int) -> tuple[int, int, int]:
+  """Checks the mesh against the devices, the model's heads, and the batch it must carry."""
+  try:
+    shape = sharding.resolve_mesh_shape(cfg.mesh, int(cfg.mesh.num_devices) or num_devices)
+  except sharding.MeshError as e:
+    raise ConfigError(str(e)) from None
+  sizes = dict(zip(sharding.MESH_AXES, shape))
+  m = cfg.model
+  for name in ('num_heads', 'num_kv_heads'):
+    _require(m[name] % sizes['tensor'] == 0,
+             f'model.{name}={m[name]} is not divisible by mesh.tensor={sizes["tensor"]}. '
+             f'Fix: use a tensor axis that divides {m[name]}.')
+  rules = cfg.mesh.rules
+  batch_axes = sharding.logical_to_spec(('batch', 'segment'), rules)
+  micro = cfg.data.batch_size // cfg.train.grad_accum
+  carry_b = math.prod(sizes[a] for a in _axes(batch_axes[0]))
+  _require(micro % carry_b == 0,
+           f'micro-batch {micro} (data.batch_size={cfg.data.batch_size} / train.grad_accum='
+           f'{cfg.train.grad_accum}) is not divisible by the {carry_b} devices of the mesh axes '
+           f'{_axes(batch_axes[0])} that carry the batch. Fix: make the batch a multiple of {carry_b} '
+           f'or change --config.mesh.*.')
+  if cfg.model.arch != 'decoder':
+    carry_s = math.prod(sizes[a] for a in _axes(batch_axes[1]))
+    _require(cfg.ccf.num_segments % carry_s == 0,
+             f'ccf.num_segments={cfg.ccf.num_segments} is not divisible by the {carry_s} devices of '
+             f'the mesh axes {_axes(batch_axes[1])} that carry segments. Fix: change num_segments '
+             f'or the mesh.')
+  return shape
+
+
+def _axes(entry):
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def parse_flags(argv):
+  """absl flags parser for entry points: a bad `--config.a.b=V` becomes one clear line.
+
+  ml_collections raises a chain of KeyError/AttributeError for an unknown override; we name the
+  flag and the fix instead.
+  """
+  import sys
+
+  from absl import flags
+  try:
+    rest = flags.FLAGS(argv)
+    config = flags.FLAGS['config'].value if 'config' in flags.FLAGS else None
+    if config is not None:  # ml_collections defers a failed load to the first field read.
+      config.keys()
+    return rest
+  except (OSError, SyntaxError, ImportError) as e:  # A config file missing or broken: one line.
+    sys.exit(f'error: could not load --config: {" ".join(str(e).split())} Fix: pass an existing '
+             'experiments/*.py whose get_config() returns a ConfigDict.')
+  except flags.Error as e:
+    sys.exit(f'error: {e}\nPass --help for the flags.')
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    sys.exit(f'error: could not apply config override(s) {bad}: {type(e).__name__}: {e}. '
+             'Fix: check the field names and value types against experiments/base.py.')

@@ -1,0 +1,200 @@
+"""Llama-family building blocks in Flax NNX: RMSNorm, rotary embeddings, GQA attention, SwiGLU.
+
+Every parameter carries logical axis names (see sharding.py). Attention takes an explicit key/value
+prefix and a boolean mask, so that CCF can prepend per-layer memory rows (already projected and
+rotated) without touching the block. `Attention.project_kv` is public for the same reason: CCF
+projects memory latents with the decoder's own k/v weights (plus a LoRA on memory rows only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ccf_jax.model import blocked_attention
+from ccf_jax.core import sharding
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def _param(rngs, shape, names, std, dtype):
+  return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * std, out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32 (as Llama) and cast back to the compute dtype."""
+
+  def __init__(self, dim: int, eps: float, param_dtype, dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=('embed',))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling=None) -> jax.Array:
+  """Inverse frequencies, with Llama-3 `rope_scaling` (factor, low/high_freq_factor, original len)."""
+  inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling and scaling.get('factor'):
+    factor = float(scaling['factor'])
+    low = float(scaling.get('low_freq_factor', 1.0))
+    high = float(scaling.get('high_freq_factor', 4.0))
+    orig = float(scaling.get('original_max_position_embeddings', 8192))
+    wavelen = 2 * math.pi / inv
+    low_wl, high_wl = orig / low, orig / high
+    smooth = (orig / wavelen - low) / (high - low)
+    scaled = jnp.where(wavelen > low_wl, inv / factor, inv)
+    mid = (1 - smooth) * inv / factor + smooth * inv
+    is_mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+    inv = jnp.where(is_mid, mid, scaled)
+  return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, half-split layout (Hugging Face Llama's `rotate_half`).
+
+  x: [..., length, heads, head_dim]; positions: [..., length] (broadcastable to x's leading axes).
+  """
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., length, head_dim/2]
+  cos = jnp.cos(angles)[..., None, :]
+  sin = jnp.sin(angles)[..., None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attend(q, k, v, mask, block: int = 0):
+  """Grouped-query softmax attention with an explicit boolean mask.
+
+  q: [B, Lq, H, D]; k, v: [B, Lk, K, D] with H % K == 0; mask: bool broadcastable to [B, Lq, Lk]
+  (True = may attend). Softmax in float32. A fully masked query row returns zeros. With `block` > 0
+  and more than `block` keys, the same function over key blocks (blocked_attention: transient
+  memory of one block of scores, not [Lq, Lk]).
+  """
+  if block and k.shape[1] > block:
+    return blocked_attention.blocked_attend(q, k, v, mask, block)
+  b, lq, h, d = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, lq, kh, h // kh, d)
+  scores = jnp.einsum('bqkgd,bskd->bkgqs', qg, k).astype(jnp.float32) / math.sqrt(d)
+  m = jnp.broadcast_to(mask, (b, lq, k.shape[1]))[:, None, None]
+  scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = jnp.where(m, probs, 0.0).astype(v.dtype)
+  out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v)
+  return out.reshape(b, lq, h, d)
+
+
+class Attention(nnx.Module):
+  """GQA self-attention whose keys/values may be prefixed by externally supplied rows."""
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    pd, std = DTYPES[cfg.param_dtype], cfg.init_std
+    d, h, k, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.wq = _param(rngs, (d, h, hd), ('embed', 'heads', 'head_dim'), std, pd)
+    self.wk = _param(rngs, (d, k, hd), ('embed', 'kv_heads', 'head_dim'), std, pd)
+    self.wv = _param(rngs, (d, k, hd), ('embed', 'kv_heads', 'head_dim'), std, pd)
+    self.wo = _param(rngs, (h, hd, d), ('heads', 'head_dim', 'embed'), std / math.sqrt(2 * cfg.num_layers), pd)
+    self.dtype = DTYPES[cfg.dtype]
+    self.rope = (hd, float(cfg.rope_theta), tuple(sorted(dict(cfg.rope_scaling).items())))
+
+  @property
+  def inv_freq(self):
+    hd, theta, scaling = self.rope
+    return rope_frequencies(hd, theta, dict(scaling))
+
+  def _w(self, p):
+    return p[...].astype(self.dtype)
+
+  def project_kv(self, h, positions, k_delta=None, v_delta=None):
+    """Keys (rotated) and values of normed hidden states h: [B, L, d].
+
+    `k_delta`/`v_delta` are optional additive terms before rotary (LoRA outputs, [B, L, K, D]).
+    """
+    k = jnp.einsum('bld,dkh->blkh', h, self._w(self.wk))
+    v = jnp.einsum('bld,dkh->blkh', h, self._w(self.wv))
+    if k_delta is not None:
+      k = k + k_delta
+    if v_delta is not None:
+      v = v + v_delta
+    k = sharding.constrain(apply_rope(k, positions, self.inv_freq), ('batch', 'length', 'kv_heads', 'head_dim'))
+    v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'head_dim'))
+    return k, v
+
+  def __call__(self, h, positions, mask, kv_prefix=None, q_delta=None, v_delta=None,
+               memory_gate=None, memory_rows=None, attention_block=0):
+    """h: normed input [B, L, d]; kv_prefix: optional (k, v) rows [B, M, K, D] placed before h's.
+
+    memory_gate: optional [heads] weights (CCF's `ccf.memory_gate='tanh'`): the first
+    `memory_rows` key rows (default: all of kv_prefix) are then read by a softmax of their own,
+    added to the rest's as `memory_gate * read`, instead of sharing one softmax with them. A zero
+    gate is exactly attention without those rows. The mask's last axis then spans every key row
+    (memory, prefix and h's), as the CCF decoder's and the inference cache's masks do.
+    attention_block: key rows per block of `attend` (0: dense).
+    """
+    q = jnp.einsum('bld,dhk->blhk', h, self._w(self.wq))
+    if q_delta is not None:
+      q = q + q_delta
+    q = sharding.constrain(apply_rope(q, positions, self.inv_freq), ('batch', 'length', 'heads', 'head_dim'))
+    k, v = self.project_kv(h, positions, v_delta=v_delta)
+    if kv_prefix is not None:
+      k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
+    if memory_gate is None:
+      out = attend(q, k, v, mask, attention_block)
+    else:
+      m = kv_prefix[0].shape[1] if memory_rows is None else memory_rows
+      read = attend(q, k[:, :m], v[:, :m], mask[..., :m], attention_block)
+      out = attend(q, k[:, m:], v[:, m:], mask[..., m:], attention_block)
+      out = out + read * memory_gate.astype(read.dtype)[:, None]
+    out = jnp.einsum('blhk,hkd->bld', out, self._w(self.wo))
+    return sharding.constrain(out, ('batch', 'length', 'embed'))
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward."""
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    pd, std = DTYPES[cfg.param_dtype], cfg.init_std
+    self.w_gate = _param(rngs, (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), std, pd)
+    self.w_up = _param(rngs, (cfg.d_model, cfg.mlp_dim), ('embed', 'mlp'), std, pd)
+    self.w_down = _param(rngs, (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'), std / math.sqrt(2 * cfg.num_layers), pd)
+    self.dtype = DTYPES[cfg.dtype]
+
+  def __call__(self, x):
+    g = jnp.einsum('bld,dm->blm', x, self.w_gate[...].astype(self.dtype))
+    u = jnp.einsum('bld,dm->blm', x, self.w_up[...].astype(self.dtype))
+    hdn = sharding.constrain(jax.nn.silu(g) * u, ('batch', 'length', 'mlp'))
+    out = jnp.einsum('blm,md->bld', hdn, self.w_down[...].astype(self.dtype))
+    return sharding.constrain(out, ('batch', 'length', 'embed'))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block. Returns the new residual and this layer's normed attention input.
+
+  The normed attention input is what CCF keeps at memory positions as the per-layer latent z[layer].
+  """
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    pd, dt = DTYPES[cfg.param_dtype], DTYPES[cfg.dtype]
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, dt)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, dt)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, mask, kv_prefix=None, q_delta_fn=None, v_delta_fn=None,
+               memory_gate=None, memory_rows=None, attention_block=0):
+    h = self.attn_norm(x)
+    qd = None if q_delta_fn is None else q_delta_fn(h)
+    vd = None if v_delta_fn is None else v_delta_fn(h)
+    x = x + self.attn(h, positions, mask, kv_prefix, qd, vd, memory_gate, memory_rows,
+                      attention_block)
+    x = x + self.mlp(self.mlp_norm(x))
+    return x, h

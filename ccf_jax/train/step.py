@@ -1,0 +1,192 @@
+"""Train state, its shardings, and the jitted train/eval steps.
+
+Shardings for the whole state are computed from `jax.eval_shape` before anything is allocated:
+parameters get their logical names mapped through `config.mesh.rules`; optimizer moments inherit the
+sharding of the parameter they track (matched by tree path); scalars are replicated. The train step
+is jitted with these as explicit in/out shardings and donates the state.
+
+Gradient accumulation sums per-token losses and gradients over micro-batches (a `lax.scan`) and
+divides once by the total number of target tokens, so a micro-batch with more padding weighs less
+(the same estimate as one big batch). A non-finite loss or gradient leaves params and optimizer
+state untouched and increments `nonfinite_count`; the loop decides whether to stop (train.nonfinite).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ccf_jax import registry as arch_lib
+from ccf_jax.model import decoder as model_lib
+from ccf_jax.train import optim
+from ccf_jax.core import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken.
+  params: dict  # Trainable parameters (pure nested dict).
+  frozen: dict  # Frozen parameters (adapter mode's base); {} when everything trains.
+  opt_state: Any  # optax state over `params` only.
+  rng: jax.Array  # uint32[2] base key; per-step keys are fold_in(rng, step).
+  nonfinite_count: jax.Array  # int32 scalar: skipped updates.
+
+
+def _spec_for_path(path, params_specs):
+  """Logical spec of the parameter at the end of an optimizer-state path (moments mirror params)."""
+  node = params_specs
+  keys = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+  # Optimizer states nest the params tree somewhere inside; find the longest suffix that resolves.
+  for start in range(len(keys)):
+    node = params_specs
+    ok = True
+    for k in keys[start:]:
+      if isinstance(node, dict) and k in node:
+        node = node[k]
+      else:
+        ok = False
+        break
+    if ok and isinstance(node, P):
+      return node
+  return None
+
+
+def state_shardings(cfg, abstract_state: TrainState, mesh) -> TrainState:
+  """NamedShardings for every leaf of the (abstract) train state."""
+  arch = arch_lib.get_arch(cfg)
+  rules = cfg.mesh.rules
+  specs = model_lib.logical_specs(arch.module_config(cfg), arch.module_cls)
+
+  def leaf_sharding(path, leaf):
+    spec = _spec_for_path(path, specs)
+    if spec is None or len(spec) != len(leaf.shape):
+      return NamedSharding(mesh, P())
+    return NamedSharding(mesh, sharding.logical_to_spec(tuple(spec), rules))
+
+  return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
+
+
+def init_state_fn(cfg, tx, params_fn=None):
+  """A function () -> TrainState building everything from the config (to be jitted)."""
+  arch = arch_lib.get_arch(cfg)
+
+  def init():
+    params = params_fn() if params_fn is not None else model_lib.init_params(
+        arch.module_config(cfg), cfg.train.seed, arch.module_cls)
+    trainable, frozen = arch_lib.split_params(cfg, arch, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
+                      opt_state=tx.init(trainable), rng=jax.random.key_data(jax.random.key(cfg.train.seed)),
+                      nonfinite_count=jnp.zeros((), jnp.int32))
+  return init
+
+
+def abstract_state_and_shardings(cfg, tx, mesh):
+  """(abstract state with .sharding set, shardings) computed without allocating."""
+  abstract = jax.eval_shape(init_state_fn(cfg, tx))
+  shardings = state_shardings(cfg, abstract, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings
+
+
+def batch_shardings(cfg, mesh, batch_like: dict) -> dict:
+  """Batch arrays are sharded on their leading (batch) axis; the rest replicated."""
+  spec = sharding.logical_to_spec(('batch',), cfg.mesh.rules)
+  return {k: NamedSharding(mesh, P(spec[0], *([None] * (len(v.shape) - 1)))) for k, v in batch_like.items()}
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(cfg, tx):
+  """train_step(state, batch) -> (state, metrics); pure, to be jitted with shardings."""
+  arch = arch_lib.get_arch(cfg)
+  accum = cfg.train.grad_accum
+  lr_fn = optim.schedule(cfg.train)
+
+  def loss_on(trainable, frozen, mb, rng):
+    loss_sum, n, aux = arch.loss(cfg, arch_lib.merge_params(trainable, frozen), mb, rng)
+    return loss_sum, (n, aux)
+
+  grad_fn = jax.value_and_grad(loss_on, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def one(carry, inp):
+      mb, i = inp
+      (ls, (n, aux)), g = grad_fn(state.params, state.frozen, mb, jax.random.fold_in(rng, i))
+      g_acc, ls_acc, n_acc, aux_acc = carry
+      return (jax.tree.map(jnp.add, g_acc, g), ls_acc + ls, n_acc + n,
+              jax.tree.map(jnp.add, aux_acc, aux)), None
+
+    zero_aux = jax.eval_shape(lambda: loss_on(state.params, state.frozen,
+                                              jax.tree.map(lambda x: x[0], micro), rng)[1][1])
+    init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero_aux))
+    (g, loss_sum, n, aux), _ = jax.lax.scan(one, init, (micro, jnp.arange(accum)))
+    denom = jnp.maximum(n, 1.0)
+    grads = jax.tree.map(lambda x: x / denom, g)
+    loss = loss_sum / denom
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32))
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': lr_fn(state.step),
+               'tokens': n, 'finite': finite.astype(jnp.float32),
+               'accuracy': aux.get('correct', 0.0) / denom,
+               'skipped_updates': new_state.nonfinite_count}
+    for k, v in aux.items():
+      if k != 'correct':
+        metrics[k] = v / denom
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(cfg):
+  arch = arch_lib.get_arch(cfg)
+
+  def eval_step(state: TrainState, batch: dict):
+    params = arch_lib.merge_params(state.params, state.frozen)
+    if arch.eval_loss is not None:
+      loss_sum, n, aux = arch.eval_loss(cfg, params, batch)
+    else:
+      loss_sum, n, aux = arch.loss(cfg, params, batch, jax.random.key(0))
+    return {'loss_sum': loss_sum, 'tokens': n, **aux}
+
+  return eval_step
+
+
+def jit_train_step(cfg, tx, mesh, state_sh, batch_sh):
+  rep = NamedSharding(mesh, P())
+  return jax.jit(make_train_step(cfg, tx), in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, rep), donate_argnums=(0,))
+
+
+def fresh_state_and_step(cfg, mesh, batch_like: dict):
+  """(state, step, batch_sh): a freshly initialised train state, allocated sharded, and the jitted
+  train step for batches shaped like `batch_like`. Call under `sharding.use_mesh`. What benchmarks
+  and tests need; the trainer does more (initialisation sources, resume, eval step)."""
+  tx = optim.make_optimizer(cfg.train)
+  _, state_sh = abstract_state_and_shardings(cfg, tx, mesh)
+  state = jax.jit(init_state_fn(cfg, tx), out_shardings=state_sh)()
+  batch_sh = batch_shardings(cfg, mesh, batch_like)
+  return state, jit_train_step(cfg, tx, mesh, state_sh, batch_sh), batch_sh
+
+
+def jit_eval_step(cfg, mesh, state_sh, batch_sh):
+  return jax.jit(make_eval_step(cfg), in_shardings=(state_sh, batch_sh),
+                 out_shardings=NamedSharding(mesh, P()))

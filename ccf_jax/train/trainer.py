@@ -1,0 +1,327 @@
+"""The training loop: a flat list of intentions around one jitted, sharded, donated train step.
+
+    state = restore_or_init(...)          # resume > init.from_checkpoint > init.params_only > init.from_hf > fresh
+    while not done:
+      state, metrics = train_step(state, next(batches))
+      maybe_log(previous step's metrics)  # one step late: never blocks the device
+      maybe_profile / maybe_evaluate / maybe_save_checkpoint / maybe_stop (budget, SIGTERM, non-finite)
+
+Everything a test needs is importable: `train_and_evaluate(config, workdir)` returns a summary dict.
+Only process 0 writes metrics; every process loads its own slice of the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import resource
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from ccf_jax import registry as arch_lib
+from ccf_jax.core import config_lib
+from ccf_jax.train import metrics as metrics_lib
+from ccf_jax.train import optim
+from ccf_jax.core import sharding
+from ccf_jax import checkpoint as ckpt_lib
+from ccf_jax import data as data_lib
+from ccf_jax.train import step as ts
+from ccf_jax.model import decoder as model_lib
+
+
+class NonFiniteError(FloatingPointError):
+  """Raised when train.nonfinite='stop' and a step produced a non-finite loss or gradient."""
+
+
+# Errors caused by the user's input: entry points print them as one line (no traceback).
+USER_ERRORS = (config_lib.ConfigError, sharding.MeshError, data_lib.DataError,
+               ckpt_lib.CheckpointError, NonFiniteError)
+
+
+def peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB.
+
+
+@dataclasses.dataclass
+class _Clock:
+  start: float = dataclasses.field(default_factory=time.time)
+  phases: dict = dataclasses.field(default_factory=dict)
+
+  def mark(self, name: str, since: float):
+    self.phases[name] = round(self.phases.get(name, 0.0) + time.time() - since, 3)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked at step boundaries (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. some notebooks): no handler.
+      self._old = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint at the next step boundary.')
+    self.requested = True
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def to_device(batch: dict, shardings: dict) -> dict:
+  """Assembles global arrays from this process's slice of the batch."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+          for k, v in batch.items() if k in shardings}
+
+
+def initial_params(cfg, arch):
+  """Parameters from init.params_only / init.from_hf, or None for a fresh init."""
+  if cfg.init.params_only:
+    from ccf_jax.checkpoint import export as export_lib
+    params, _, _ = export_lib.load_export(cfg.init.params_only)
+    return _adapt_params(cfg, arch, params, f'init.params_only={cfg.init.params_only}')
+  if cfg.init.from_hf:
+    from ccf_jax.interop import hf as convert
+    params = convert.load_hf_params(cfg.init.from_hf, cfg.model)
+    return _adapt_params(cfg, arch, params, f'init.from_hf={cfg.init.from_hf}')
+  return None
+
+
+def _adapt_params(cfg, arch, params, source):
+  if arch.from_base_params is not None:
+    return arch.from_base_params(cfg, params)
+  expected = model_lib.abstract_params(arch.module_config(cfg), arch.module_cls)
+  got = jax.tree.map(lambda a: tuple(a.shape), params)
+  want = jax.tree.map(lambda a: tuple(a.shape), expected)
+  if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
+    raise ValueError(f'{source}: parameter shapes do not match model config {cfg.name!r}. '
+                     'Fix: use the same model.* fields as the run that produced them.')
+  return params
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains per `config`, checkpointing into `workdir`; returns a summary of the run."""
+  clock = _Clock()
+  t = time.time()
+  pidx, pcount = jax.process_index(), jax.process_count()
+  config_lib.validate(config, jax.device_count())
+  is_main = pidx == 0
+  mesh = sharding.make_mesh(config.mesh)
+  arch = arch_lib.get_arch(config)
+  tokenizer = data_lib.load_or_train_tokenizer(config)
+  if tokenizer.vocab_size != config.model.vocab_size:
+    raise config_lib.ConfigError(
+        f'the tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but '
+        f'model.vocab_size={config.model.vocab_size}. Fix: --config.model.vocab_size={tokenizer.vocab_size}.')
+  train_iter = data_lib.make_train_iter(config, 'train', pidx, pcount)
+  clock.mark('data_and_tokenizer', t)
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps,
+                                    time_budget_s=config.train.time_budget_s)
+  preempt = _Preemption()
+  ckpt = ckpt_lib.CheckpointManager(workdir, config)
+  try:
+    with sharding.use_mesh(mesh, config.mesh.rules):
+      t = time.time()
+      tx = optim.make_optimizer(config.train)
+      abstract, state_sh = ts.abstract_state_and_shardings(config, tx, mesh)
+
+      def init_fn():
+        if config.init.from_checkpoint:
+          state, _, _ = ckpt_lib.restore_from(config.init.from_checkpoint, abstract, train_iter)
+          return state
+        params = initial_params(config, arch)
+        fn = ts.init_state_fn(config, tx, None if params is None else (lambda: params))
+        return jax.jit(fn, out_shardings=state_sh)()
+
+      state, _, info = ckpt.restore_or_init(abstract, init_fn, train_iter)
+      step = int(jax.device_get(state.step))  # init.from_checkpoint continues its step count.
+      logging.info('init: %s (step %d)', info, step)
+      n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
+      n_frozen = sum(int(x.size) for x in jax.tree.leaves(state.frozen))
+      if is_main:
+        print(f'model {config.model.arch}: {n_params:,} trainable + {n_frozen:,} frozen params; '
+              f'mesh {dict(mesh.shape)}; start step {step}', flush=True)
+      first = next(train_iter)
+      batch_sh = ts.batch_shardings(config, mesh, {k: np.asarray(v) for k, v in first.items()})
+      train_step = ts.jit_train_step(config, tx, mesh, state_sh, batch_sh)
+      eval_sh = {k: batch_sh[k] for k in data_lib.BATCH_KEYS}  # Not the training-only keys.
+      eval_step = ts.jit_eval_step(config, mesh, state_sh, eval_sh)
+      clock.mark('setup', t)
+
+      loop = _Loop(config, workdir, writer, ckpt, train_iter, eval_step, batch_sh, arch, clock,
+                   preempt, is_main, tokenizer.model_path)
+      state = loop.run(state, step, train_step, first)
+      summary = loop.summary
+      summary.update(params=n_params, frozen_params=n_frozen, phases=clock.phases,
+                     peak_rss_gb=round(peak_rss_gb(), 3))
+      return summary
+  finally:
+    preempt.restore()
+    ckpt.close()
+    writer.close()
+
+
+class _Loop:
+  """Holds the loop's bookkeeping so that `run` reads as a list of intentions."""
+
+  def __init__(self, config, workdir, writer, ckpt, train_iter, eval_step, batch_sh, arch, clock,
+               preempt, is_main, tokenizer_path):
+    self.tokenizer_path = tokenizer_path
+    self.c, self.workdir, self.writer, self.ckpt = config, workdir, writer, ckpt
+    self.train_iter, self.eval_step, self.batch_sh = train_iter, eval_step, batch_sh
+    self.arch, self.clock, self.preempt, self.is_main = arch, clock, preempt, is_main
+    self.pending = None  # (step, device metrics) flushed one step late.
+    self.window = {'t': time.time(), 'steps': 0, 'tokens': 0.0, 'loss': 0.0}
+    self.summary: dict = {}
+    self.train_start = time.time()
+    self.stop_reason = ''
+    self.profiling = False
+
+  # ---------------------------------------------------------------------------------- the loop
+  def run(self, state, step, train_step, first_batch):
+    c = self.c
+    batch = first_batch
+    t_train = time.time()
+    while step < c.train.steps:
+      self.maybe_profile(step)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = train_step(state, to_device(batch, self.batch_sh))
+      step += 1
+      self.maybe_log(step, metrics)
+      state = self.maybe_evaluate(step, state)
+      self.maybe_save_checkpoint(step, state)
+      if self.should_stop(step):
+        break
+      batch = next(self.train_iter)
+    self.flush_metrics()
+    self.clock.mark('train', t_train)
+    t = time.time()
+    self.ckpt.maybe_save(step, state, self.train_iter, force=True,
+                         extra=self._extra(step, stop_reason=self.stop_reason or 'steps'))
+    self.ckpt.wait()
+    self.clock.mark('final_checkpoint', t)
+    t = time.time()
+    self.summary['eval'] = self.evaluate(step, state)
+    self.clock.mark('final_eval', t)
+    self.summary.update(final_step=step, stop_reason=self.stop_reason or 'steps')
+    return state
+
+  # ------------------------------------------------------------------------------- intentions
+  def maybe_log(self, step, metrics):
+    """Fetches the previous step's metrics (already computed) and queues this step's."""
+    prev, self.pending = self.pending, (step, metrics)
+    if prev is not None:
+      self._consume(*prev)
+
+  def flush_metrics(self):
+    if self.pending is not None:
+      self._consume(*self.pending)
+      self.pending = None
+
+  def _consume(self, step, metrics):
+    m = jax.device_get(metrics)
+    step_tokens = config_lib.tokens_per_step(self.c)  # Input tokens (padding included), global.
+    w = self.window
+    w['steps'] += 1
+    w['tokens'] += step_tokens
+    w['loss'] += float(m['loss'])
+    if m['finite'] < 1:
+      msg = (f'step {step}: non-finite loss or gradient (loss={float(m["loss"])}); the update was '
+             'skipped, params are unchanged.')
+      if self.c.train.nonfinite == 'stop':
+        raise NonFiniteError(msg + ' Stopping (train.nonfinite=stop); no checkpoint of this step '
+                             'was written. Fix: lower train.lr, check the data, or set '
+                             'train.nonfinite=skip.')
+      logging.warning(msg)
+    if step % self.c.train.log_every and step != self.c.train.steps:
+      return
+    dt = time.time() - w['t']
+    tokens_per_s = w['tokens'] / max(dt, 1e-9)
+    step_time = dt / max(1, w['steps'])
+    flops = self.arch.train_flops(self.c, self.c.data.batch_size)
+    scalars = {'loss': w['loss'] / w['steps'], 'ppl': math.exp(min(50.0, w['loss'] / w['steps'])),
+               'grad_norm': float(m['grad_norm']), 'lr': float(m['lr']),
+               'accuracy': float(m['accuracy']), 'tokens_per_s': tokens_per_s, 'step_time_s': step_time,
+               'tflops': flops / step_time / 1e12, 'skipped_updates': float(m['skipped_updates']),
+               'peak_rss_gb': peak_rss_gb()}
+    self.summary['train_loss'] = scalars['loss']
+    self.summary['tokens_per_s'] = tokens_per_s
+    self.summary['step_time_s'] = step_time
+    self.writer.write(step, scalars, 'train')
+    self.window = {'t': time.time(), 'steps': 0, 'tokens': 0.0, 'loss': 0.0}
+
+  def maybe_evaluate(self, step, state):
+    every = self.c.train.eval_every
+    if every and step % every == 0 and step != self.c.train.steps:
+      self.flush_metrics()
+      self.evaluate(step, state)
+    return state
+
+  def evaluate(self, step, state) -> dict:
+    it = data_lib.make_train_iter(self.c, 'validation', jax.process_index(), jax.process_count())
+    loss_sum, tokens, correct = 0.0, 0.0, 0.0
+    for i, batch in enumerate(it):
+      if i >= self.c.train.eval_batches:
+        break
+      out = jax.device_get(self.eval_step(state, to_device(batch, self.batch_sh)))
+      loss_sum += float(out['loss_sum'])
+      tokens += float(out['tokens'])
+      correct += float(out.get('correct', 0.0))
+    if tokens == 0:
+      return {}
+    res = {'loss': loss_sum / tokens, 'ppl': math.exp(min(50.0, loss_sum / tokens)),
+           'accuracy': correct / tokens, 'tokens': tokens}
+    self.writer.write(step, res, 'eval')
+    return res
+
+  def maybe_save_checkpoint(self, step, state):
+    self.ckpt.maybe_save(step, state, self.train_iter, extra=self._extra(step))
+
+  def _extra(self, step, **kw):
+    tokens_seen = step * config_lib.tokens_per_step(self.c)
+    return {'tokens_seen': tokens_seen, 'tokenizer_path': self.tokenizer_path, **kw}
+
+  def maybe_profile(self, step):
+    c = self.c.train
+    if c.profile_start < 0 or not self.is_main:
+      return
+    if step == c.profile_start and not self.profiling:
+      jax.profiler.start_trace(os.path.join(self.workdir, 'profile'))
+      self.profiling = True
+    elif self.profiling and step >= c.profile_start + c.profile_steps:
+      jax.profiler.stop_trace()
+      self.profiling = False
+
+  def should_stop(self, step) -> bool:
+    """Time budget or SIGTERM. Multi-process runs agree on it (every log_every steps, one tiny
+    all-gather), since processes see the clock and signals at different steps."""
+    budget = self.c.train.time_budget_s
+    over_budget = bool(budget) and time.time() - self.train_start >= budget
+    if jax.process_count() > 1:
+      if step % self.c.train.log_every:
+        return False
+      from jax.experimental import multihost_utils
+      flags_ = multihost_utils.process_allgather(np.array([over_budget, self.preempt.requested]))
+      over_budget, self.preempt.requested = (bool(x) for x in np.asarray(flags_).reshape(-1, 2).any(0))
+    if over_budget:
+      self.stop_reason = f'time budget {budget:.0f}s reached at step {step}'
+    elif self.preempt.requested:
+      self.stop_reason = f'SIGTERM at step {step}'
+    if self.stop_reason:
+      if self.profiling:
+        jax.profiler.stop_trace()
+        self.profiling = False
+      logging.warning('stopping: %s', self.stop_reason)
+      if self.is_main:
+        print(f'stopping: {self.stop_reason}', flush=True)
+      return True
+    return False
