@@ -4,7 +4,6 @@ evaluation of an export; writes results.json, report.md and plots (the library i
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 
@@ -12,6 +11,7 @@ from ccf_jax import checkpoint as ckpt_lib
 from ccf_jax.core import config_lib
 from ccf_jax.eval import report as eval_report
 from ccf_jax.eval import runner
+from ccf_jax.train import faults
 
 _CKPT = flags.DEFINE_string('checkpoint', None, 'Export directory (python -m ccf_jax.export).')
 _OUT = flags.DEFINE_string('out', None, 'Output directory (default: <checkpoint>/eval).')
@@ -28,10 +28,9 @@ def main(argv):
   if not _CKPT.value:
     raise app.UsageError('--checkpoint=EXPORT is required (python -m ccf_jax.export makes one).')
   out = _OUT.value or os.path.join(_CKPT.value, 'eval')
-  try:
+  # Config, data, export and storage errors: one clear line and an exit code.
+  with faults.one_line_errors('evaluate', (ValueError, ckpt_lib.CheckpointError)):
     res = runner.run(_CKPT.value, out, tuple(_ONLY.value), _PRESET.value, _CORPUS.value)
-  except (ValueError, ckpt_lib.CheckpointError) as e:  # Config/Data/Export errors: one clear line.
-    sys.exit(f'evaluate failed: {type(e).__name__}: {e}')
   print(eval_report.console_summary(res), flush=True)
   print(f'report: {os.path.join(out, "report.md")}', flush=True)
 

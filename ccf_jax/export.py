@@ -4,12 +4,12 @@ training run (the library is `ccf_jax/checkpoint/export.py`)."""
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags
 
 from ccf_jax import checkpoint as ckpt_lib
 from ccf_jax.checkpoint import export as export_lib
+from ccf_jax.train import faults
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir, its checkpoints/ dir, or a step dir.')
 _OUT = flags.DEFINE_string('out', None, 'Export directory to create.')
@@ -26,11 +26,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not _WORKDIR.value or not _OUT.value:
     raise app.UsageError('--workdir and --out are required: ' + export_lib.export_cmd())
-  try:
+  # The messages name the path and the fix: one line and an exit code, no traceback.
+  with faults.one_line_errors('export', (ckpt_lib.CheckpointError,), prefix='export failed: '):
     out = export_lib.export(_WORKDIR.value, _OUT.value, _STEP.value, tokenizer=_TOKENIZER.value,
                  require_tokenizer=_REQUIRE_TOKENIZER.value, overwrite=_OVERWRITE.value)
-  except (ckpt_lib.CheckpointError, FileNotFoundError) as e:
-    sys.exit(f'export failed: {e}')  # The message names the path and the fix; no traceback.
   info = json.loads((out / export_lib.INFO_JSON).read_text())
   print(f'exported step {info["step"]} ({info["num_params"]:,} params) from {info["source"]} '
         f'to {out}', flush=True)

@@ -4,12 +4,12 @@ FLOPs of the train step before booking hardware (the library is `ccf_jax/train/p
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from ccf_jax.core import config_lib
+from ccf_jax.train import faults
 from ccf_jax.train import plan as plan_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -28,7 +28,8 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError('--config=experiments/X.py is required.')
   cfg = _CONFIG.value
-  try:
+  with faults.one_line_errors('plan', (plan_lib.PlanError, config_lib.ConfigError),
+                              prefix='plan: '):
     topology = plan_lib.parse_topology(_TOPOLOGY.value) if _TOPOLOGY.value else None
     n = plan_lib.mesh_device_count(cfg, topology)
     tpu = topology is not None and topology.chip.platform == 'tpu' and plan_lib.libtpu_available()
@@ -42,8 +43,6 @@ def main(argv):
     if _JSON.value:
       print(json.dumps(result), flush=True)
     plan_lib.check_fit(result)
-  except plan_lib.PlanError as e:
-    sys.exit(f'plan: {e}')
   print('plan: fits.', flush=True)
 
 

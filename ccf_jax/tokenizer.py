@@ -19,6 +19,7 @@ import ml_collections
 
 from ccf_jax.data import corpus as corpus_lib
 from ccf_jax.data import tokenizer as tokenizer_lib
+from ccf_jax.train import faults
 
 _CORPUS = flags.DEFINE_string('corpus', 'shakespeare', 'Built-in corpus name, path, or mixture.')
 _VOCAB = flags.DEFINE_integer('vocab_size', 2048, 'Vocabulary size (pieces, specials included).')
@@ -43,12 +44,17 @@ def data_config(corpus: str, text_field: str = 'text', replace_invalid_utf8: boo
 
 def main(argv):
   del argv
+  with faults.one_line_errors('tokenizer', (corpus_lib.DataError,)):
+    _train(_OUT.value)
+
+
+def _train(out: str):
   cfg = data_config(_CORPUS.value, _TEXT_FIELD.value, _REPLACE.value)
   t0 = time.time()
   docs = [d.text for s in corpus_lib.corpus_specs(cfg) for d in corpus_lib.read_split(s, 'train',
                                                                                         cfg)]
   t1 = time.time()
-  tok = tokenizer_lib.train_tokenizer(docs, _VOCAB.value, _OUT.value, _TYPE.value,
+  tok = tokenizer_lib.train_tokenizer(docs, _VOCAB.value, out, _TYPE.value,
                                       meta=dict(trained_on=_CORPUS.value, split='train'))
   t2 = time.time()
   ids = tok.encode_batch(docs)

@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # Compute dtype of activations: float32 | bfloat16.
   m.remat_policy = 'none'  # Per-layer rematerialisation: none | full | dots | dots_no_batch.
   m.scan_layers = True  # Scan over stacked layers (flat compile time); False unrolls (FLOP checks).
+  m.attention_impl = 'auto'  # Every attention's kernel: auto | xla | blocked | cudnn | splash
+  # (model/attention.py; auto: cpu -> xla or blocked by size, gpu -> cudnn for bf16, tpu -> splash).
+  m.attention_block = 128  # Query/key rows per block of the blocked and splash kernels.
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
@@ -86,7 +89,6 @@ def get_config() -> ml_collections.ConfigDict:
   x.decoder_segment_chunk = 0  # k: decoder segments per scan step (1 serial .. T parallel); 0 = T.
   x.encoder_remat = 'model'  # Encoder layers' remat policy; 'model' = model.remat_policy.
   x.decoder_remat = 'none'  # Remat policy of each decoder chunk step (of its layers when k = T).
-  x.memory_attention_block = 0  # Decoder attention over [memory; tokens] in key blocks; 0 = dense.
   x.unrolled = False  # Debug: decoder chunks in a Python loop instead of lax.scan (same results).
   x.encoder_map_batch = 0  # Segments per lax.map step of the no-residual encoder pass; 0 = all at once.
 
@@ -105,7 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.weight_decay = 0.1  # Decoupled weight decay (norms, biases and scalars are excluded).
   t.clip_norm = 1.0  # Global-norm gradient clipping (0 = off).
   t.grad_accum = 1  # Micro-batches per step; the loss is normalised by the total token count.
-  t.nonfinite = 'skip'  # On a non-finite loss/grad: 'skip' the update (counted) or 'stop' with an error.
+  # On a non-finite loss, gradient or update: 'stop' with an error (exit code 3; the bad state is
+  # never saved) or 'skip' the update (counted) and go on.
+  t.nonfinite = 'stop'
   t.log_every = 10  # Metrics cadence in steps.
   t.eval_every = 0  # Evaluation cadence in steps (0 = only at the end).
   t.eval_batches = 4  # Batches per evaluation.

@@ -3,12 +3,9 @@
 Encoder and decoder share weights and learn the language and the memory at once, with the
 auto-encoding loss on one segment per window as an extra signal (weight 0.25), at the from-scratch
 peak learning rate. At this size that costs LM quality: `python -m ccf_jax.bench signal
---config=experiments/tiny_ccf_scratch.py` (bench_signal.py's docstring has every run) measured
-CCF behind segment_local on held-out segments t > 0 at every budget tried:
-  * stop 15, 3 seeds x 540 steps: segment_local - CCF -0.110 (paired SE 0.006);
-  * stop 16, without auto-encoding (`--config.ccf.ae_mode=off`), seed 0, 2,700 steps:
-    -0.017 (SE 0.007; flat at about -0.015 from step 600), although the memory itself was worth
-    0.053 (memory off minus on): CCF's weights paid for their memory in LM quality.
+--config=experiments/tiny_ccf_scratch.py` measures CCF behind segment_local on held-out segments
+t > 0 (figures in WORKSPACE.md), although the memory itself is worth more than that gap: CCF's
+weights pay for their memory in LM quality.
 tiny_ccf.py therefore starts from a pretrained tiny.py decoder, as the paper starts from Llama-2.
 """
 

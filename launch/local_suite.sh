@@ -59,7 +59,7 @@ for NAME in $MODELS; do
   python -m ccf_jax.evaluate --checkpoint="$W/export" --preset="$PRESET" --only="$ONLY" --out="$W/eval"
   EVALS+=("$W/eval")
 done
-python -m ccf_jax.eval_compare --runs="$(IFS=,; echo "${EVALS[*]}")" --out="$WORKDIR" \
+python -m ccf_jax.eval.compare --runs="$(IFS=,; echo "${EVALS[*]}")" --out="$WORKDIR" \
   --title="CCF vs baselines on the tiny CPU models (${STEPS:-1000} steps, preset $PRESET)"
 echo "[suite] wall time $(( $(date +%s) - T0 ))s"
 echo "[suite] report: $WORKDIR/comparison.md"

@@ -14,6 +14,13 @@ FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes'
 jit = functools.partial(jax.jit, compiler_options=FAST)
 
 
+def set_fields(c, section: str, **fields):
+  """Sets `c.<section>.<name> = value` for every keyword; returns `c` (the tests' shape builder)."""
+  for k, v in fields.items():
+    c[section][k] = v
+  return c
+
+
 def tiny_ccf_from_scratch():
   """experiments/tiny_ccf.py without its start: tiny_ccf fine-tunes the tiny.py export, while the
   tests shrink the model and train it from scratch."""

@@ -223,11 +223,12 @@ def test_memory_window_row_slicing_equals_the_masked_buffer(mode):
 
 @pytest.mark.parametrize('k', [1, T])
 def test_blocked_attention_in_the_decoder_equals_the_naive_loop(k):
-  """ccf.memory_attention_block=3 over T*c + l = 16 key rows: blocks that straddle memory and local
-  rows, a padded last block and, at k=1, blocks that the chunk's segment may not see (skipped).
-  The naive loop attends densely."""
-  cfg = small_cfg(decoder_segment_chunk=k, decoder_remat='full', encoder_remat='full',
-                  memory_attention_block=3)
+  """model.attention_impl='blocked' with blocks of 3 over T*c + l = 16 key rows: blocks that
+  straddle memory and local rows, a padded last block and, at k=1, blocks that the chunk's segment
+  may not see (skipped); the encoder's nested prefixes blocked too. The naive loop attends
+  densely."""
+  cfg = small_cfg(decoder_segment_chunk=k, decoder_remat='full', encoder_remat='full')
+  cfg.model.attention_impl, cfg.model.attention_block = 'blocked', 3
   (loss, n), grads = jit(jax.value_and_grad(objective(cfg), has_aux=True))(params(),
                                                                            jax.random.key(0))
   assert_same((float(loss), float(n), grads), full_reference())
@@ -359,8 +360,7 @@ def test_truncated_mode_with_sharded_chunks_equals_the_naive_loop():
 
 
 @pytest.mark.parametrize('field,value', [('decoder_segment_chunk', 3), ('encoder_map_batch', 3),
-                                         ('grad_mode', 'sparse'), ('decoder_remat', 'all'),
-                                         ('memory_attention_block', -1)])
+                                         ('grad_mode', 'sparse'), ('decoder_remat', 'all')])
 def test_config_checks(field, value):
   cfg = small_cfg(**{field: value})
   with pytest.raises(config_lib.ConfigError, match=field):
@@ -402,11 +402,13 @@ def test_unpicked_is_the_ascending_complement_of_the_reservoir():
                                             (4, 1, 2), (16, 4, 0)])
 def test_decoder_key_rows_count_the_blocks_the_masks_leave_visible(block, k, window):
   """The analytic key rows of train_flops against the decoder masks themselves: per chunk, the
-  rows of every key block in which masks.decoder_mask lets some query see a key (what
-  blocked_attention computes), averaged over chunks."""
+  rows of every (query block, key block) pair in which masks.decoder_mask lets some query see a
+  key (what blocked_attention computes), averaged over chunks; block 0: the dense kernel."""
   t = 8
-  x = ccf_testing.small_cfg(t, decoder_segment_chunk=k, memory_attention_block=block,
-                            memory_window=window).ccf
+  cfg = ccf_testing.small_cfg(t, decoder_segment_chunk=k, memory_window=window)
+  cfg.model.attention_impl = 'blocked' if block else 'xla'
+  cfg.model.attention_block = block or 128
+  x = cfg.ccf
   c, l = x.num_memory, x.segment_len
   sliced = window + k if window and window + k < t else 0
   counts = []
@@ -416,10 +418,12 @@ def test_decoder_key_rows_count_the_blocks_the_masks_leave_visible(block, k, win
     lo, hi = masks.visible_range(x, jnp.arange(first, first + k)[None])
     mask = np.asarray(masks.decoder_mask(jnp.asarray(segs), jnp.ones(segs.shape, bool), lo, hi, l))
     keys = mask.shape[-1]
-    if not block or keys <= block:
+    if not block:
       counts.append(keys)
       continue
-    pad = -keys % block
-    blocks = np.pad(mask, [(0, 0)] * 3 + [(0, pad)]).reshape(*mask.shape[:3], -1, block)
-    counts.append(blocks.any(axis=(0, 1, 2, 4)).sum() * block)
-  assert ccf_flops.decoder_key_rows(x) == pytest.approx(np.mean(counts))
+    bq, bk = min(block, l), min(block, keys)
+    union = mask.any(axis=(0, 1))  # [l, keys]: the kernel's batch is the chunk's segments.
+    union = np.pad(union, [(0, -l % bq), (0, -keys % bk)])
+    pairs = union.reshape(union.shape[0] // bq, bq, -1, bk).any(axis=(1, 3)).sum()
+    counts.append(pairs * bq * bk / l)
+  assert ccf_flops.decoder_key_rows(cfg) == pytest.approx(np.mean(counts))

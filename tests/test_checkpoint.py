@@ -260,7 +260,9 @@ def test_corrupt_latest_falls_back_to_previous(saved, tmp_path, caplog, kind):
   assert ckpt.CheckpointManager(workdir, make_config()).latest_step() == 4
 
 
-def test_all_corrupt_initializes_and_leaves_iterator_alone(saved, tmp_path, caplog):
+def test_all_corrupt_is_an_error_unless_a_fresh_start_is_allowed(saved, tmp_path, caplog):
+  """Every checkpoint corrupt: an error naming them and the flag, never a silent step-0 restart;
+  with allow_fresh_start it initialises and leaves the data iterator where it was."""
   workdir = copy_workdir(saved, tmp_path)
   for step in ('2', '4'):
     flip_middle(biggest_file(os.path.join(workdir, 'checkpoints', step)))
@@ -268,8 +270,17 @@ def test_all_corrupt_initializes_and_leaves_iterator_alone(saved, tmp_path, capl
   take(it, 1)
   position = it.get_state()
   mgr = ckpt.CheckpointManager(workdir, make_config())
+  with pytest.raises(ckpt.CorruptCheckpointError, match='every checkpoint') as err:
+    mgr.restore_or_init(abstract(host_state(2), None), lambda: 'fresh', it)
+  assert '4.corrupt' in str(err.value) and '--allow_fresh_start' in str(err.value)
+  mgr.close()
+  for step in ('2', '4'):  # Put them back to take the allowed path over the same damage.
+    os.rename(os.path.join(workdir, 'checkpoints', step + ckpt.CORRUPT_SUFFIX),
+              os.path.join(workdir, 'checkpoints', step))
+  mgr = ckpt.CheckpointManager(workdir, make_config())
   with caplog.at_level(logging.WARNING):
-    state, step, info = mgr.restore_or_init(abstract(host_state(2), None), lambda: 'fresh', it)
+    state, step, info = mgr.restore_or_init(abstract(host_state(2), None), lambda: 'fresh', it,
+                                            allow_fresh_start=True)
   assert (state, step, info.status) == ('fresh', 0, 'initialized')
   assert [d['step'] for d in info.skipped] == [4, 2]
   assert it.get_state() == position

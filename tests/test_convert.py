@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from ccf_jax.interop import hf as convert
+from ccf_jax.interop import adapter as adapter_lib
+from ccf_jax.interop import hf, hf_config, hf_weights
 from ccf_jax.checkpoint import export as export_lib
 from ccf_jax.interop import hf_tokenizer
 from ccf_jax.model import decoder as model_lib
@@ -54,7 +55,7 @@ def hf_tensors(d):
 @pytest.fixture(scope='module')
 def exports(tmp_path_factory):
   root = tmp_path_factory.mktemp('exports')
-  return {n: convert.hf_to_export(fixture(n), root / n) for n in NAMES}
+  return {n: hf.hf_to_export(fixture(n), root / n) for n in NAMES}
 
 
 def export_logits(export_dir, tokens):
@@ -79,8 +80,8 @@ def test_fixtures_are_sensitive_to_layout():
   """Rope scaling and the q/k layout change the logits by O(1): the parity test would notice."""
   name = 'llama3_rope_untied_sharded'
   exp = np.load(os.path.join(fixture(name), 'expected.npz'))
-  fields = convert.hf_config_to_model_config(convert.read_hf_config(fixture(name)))
-  params = convert.load_hf_params(fixture(name), dtype='float32')
+  fields = hf_config.hf_config_to_model_config(hf_config.read_hf_config(fixture(name)))
+  params = hf_weights.load_hf_params(fixture(name), dtype='float32')
   unscaled = model_lib.bind(model_cfg(dict(fields, rope_scaling={})), params)(exp['tokens'])
   assert np.abs(np.asarray(unscaled) - exp['logits']).max() > 0.5
   hd = fields['head_dim']  # Interleaved (Meta-style) rotary pairs instead of rotate_half.
@@ -94,13 +95,14 @@ def test_fixtures_are_sensitive_to_layout():
 
 @pytest.mark.parametrize('name', NAMES)
 def test_roundtrip_to_hf_is_bitwise(name, exports, tmp_path):
-  out = convert.export_to_hf(exports[name], tmp_path / 'hf')
+  out = hf.export_to_hf(exports[name], tmp_path / 'hf')
   src, dst = hf_tensors(fixture(name)), hf_tensors(out)
   assert sorted(src) == sorted(dst)
   for k, a in src.items():
     assert a.dtype == dst[k].dtype and a.shape == dst[k].shape, k
     assert a.tobytes() == dst[k].tobytes(), k
-  assert json.load(open(os.path.join(out, 'config.json'))) == convert.read_hf_config(fixture(name))
+  written = json.load(open(os.path.join(out, 'config.json')))
+  assert written == hf_config.read_hf_config(fixture(name))
   for f in os.listdir(fixture(name)):
     if f.startswith('tokenizer') or f == 'generation_config.json':
       with open(os.path.join(out, f), 'rb') as a, open(os.path.join(fixture(name), f), 'rb') as b:
@@ -111,41 +113,41 @@ def test_roundtrip_to_hf_is_bitwise(name, exports, tmp_path):
 
 
 def test_to_hf_shards_and_dtype(exports, tmp_path):
-  out = convert.export_to_hf(exports['llama2_gqa_untied'], tmp_path / 'hf', dtype='bfloat16',
+  out = hf.export_to_hf(exports['llama2_gqa_untied'], tmp_path / 'hf', dtype='bfloat16',
                              max_shard_bytes=40_000)
-  index = json.load(open(os.path.join(out, convert.INDEX)))
+  index = json.load(open(os.path.join(out, hf_weights.INDEX)))
   assert len(set(index['weight_map'].values())) > 2
-  back = convert.load_hf_params(out)
-  ref = convert.load_hf_params(fixture('llama2_gqa_untied'), dtype='bfloat16')
+  back = hf_weights.load_hf_params(out)
+  ref = hf_weights.load_hf_params(fixture('llama2_gqa_untied'), dtype='bfloat16')
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16)),
                back, ref)
-  with pytest.raises(convert.ConvertError, match='already exists.*--overwrite'):
-    convert.export_to_hf(exports['llama2_gqa_untied'], out)
+  with pytest.raises(hf_config.ConvertError, match='already exists.*--overwrite'):
+    hf.export_to_hf(exports['llama2_gqa_untied'], out)
 
 
 # ------------------------------------------------------------------------ load_hf_params / init
 def test_load_hf_params_against_model_config():
   d = fixture('llama2_gqa_tied')
-  fields = convert.hf_config_to_model_config(convert.read_hf_config(d))
+  fields = hf_config.hf_config_to_model_config(hf_config.read_hf_config(d))
   assert fields == dict(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         head_dim=16, mlp_dim=96, rope_theta=10000.0, rope_scaling={},
                         max_position=256, norm_eps=1e-5, tie_embeddings=True)
-  tied = convert.load_hf_params(d, model_cfg(fields))
+  tied = hf_weights.load_hf_params(d, model_cfg(fields))
   want = jax.tree.map(lambda a: (a.shape, a.dtype), model_lib.abstract_params(model_cfg(fields)))
   assert jax.tree.map(lambda a: (a.shape, a.dtype), tied) == want
-  untied = convert.load_hf_params(d, model_cfg(dict(fields, tie_embeddings=False), 'bfloat16'))
+  untied = hf_weights.load_hf_params(d, model_cfg(dict(fields, tie_embeddings=False), 'bfloat16'))
   assert untied['lm_head'].dtype.name == 'bfloat16'
   np.testing.assert_array_equal(untied['lm_head'], tied['embed'].T.astype(untied['lm_head'].dtype))
-  with pytest.raises(convert.ConvertError, match=r'model.d_model=32 but the checkpoint has 64'):
-    convert.load_hf_params(d, model_cfg(dict(fields, d_model=32)))
-  with pytest.raises(convert.ConvertError, match='rope_theta'):
-    convert.load_hf_params(d, model_cfg(dict(fields, rope_theta=500000.0)))
-  with pytest.raises(convert.ConvertError, match='tie_embeddings=True'):
-    convert.load_hf_params(fixture('llama2_gqa_untied'), model_cfg(fields))
+  with pytest.raises(hf_config.ConvertError, match=r'model.d_model=32 but the checkpoint has 64'):
+    hf_weights.load_hf_params(d, model_cfg(dict(fields, d_model=32)))
+  with pytest.raises(hf_config.ConvertError, match='rope_theta'):
+    hf_weights.load_hf_params(d, model_cfg(dict(fields, rope_theta=500000.0)))
+  with pytest.raises(hf_config.ConvertError, match='tie_embeddings=True'):
+    hf_weights.load_hf_params(fixture('llama2_gqa_untied'), model_cfg(fields))
 
 
 def test_llama3_rope_config_forms_agree():
-  fields = lambda n: convert.hf_config_to_model_config(convert.read_hf_config(fixture(n)))
+  fields = lambda n: hf_config.hf_config_to_model_config(hf_config.read_hf_config(fixture(n)))
   new, old = fields('llama3_rope_untied_sharded'), fields('llama3_rope_tied_legacy')
   want = {'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
           'original_max_position_embeddings': 64}
@@ -158,10 +160,11 @@ def test_trainer_init_from_hf():
   from ccf_jax.train import trainer
   cfg = base.get_config()
   d = fixture('llama3_rope_tied_legacy')
-  cfg.model = model_cfg(convert.hf_config_to_model_config(convert.read_hf_config(d)), 'bfloat16')
+  fields = hf_config.hf_config_to_model_config(hf_config.read_hf_config(d))
+  cfg.model = model_cfg(fields, 'bfloat16')
   cfg.init.from_hf = d
   params = trainer.initial_params(cfg, arch_lib.get_arch(cfg))
-  ref = convert.load_hf_params(d)
+  ref = hf_weights.load_hf_params(d)
   np.testing.assert_array_equal(params['layers']['attn']['wq'], ref['layers']['attn']['wq'])
 
 
@@ -196,7 +199,7 @@ def copy_fixture(name, dst, edit_config=None, drop=()):
       with open(os.path.join(fixture(name), f), 'rb') as a, open(os.path.join(dst, f), 'wb') as b:
         b.write(a.read())
   if edit_config:
-    cfg = convert.read_hf_config(dst)
+    cfg = hf_config.read_hf_config(dst)
     edit_config(cfg)
     json.dump(cfg, open(os.path.join(dst, 'config.json'), 'w'))
   return str(dst)
@@ -216,15 +219,15 @@ def copy_fixture(name, dst, edit_config=None, drop=()):
 ])
 def test_clear_errors(edit, drop, match, tmp_path):
   d = copy_fixture('llama3_rope_untied_sharded', tmp_path / 'm', edit, drop)
-  with pytest.raises(convert.ConvertError, match=match):
-    convert.load_hf_params(d)
+  with pytest.raises(hf_config.ConvertError, match=match):
+    hf_weights.load_hf_params(d)
 
 
 def test_bin_only_checkpoint_is_refused(tmp_path):
   d = copy_fixture('llama2_gqa_tied', tmp_path / 'm', drop=('model.safetensors',))
   open(os.path.join(d, 'pytorch_model.bin'), 'wb').close()
-  with pytest.raises(convert.ConvertError, match=r'no \*.safetensors.*save_pretrained'):
-    convert.load_hf_params(d)
+  with pytest.raises(hf_config.ConvertError, match=r'no \*.safetensors.*save_pretrained'):
+    hf_weights.load_hf_params(d)
 
 
 def test_cli_roundtrip_and_error(tmp_path):
@@ -247,7 +250,7 @@ def test_cli_roundtrip_and_error(tmp_path):
 def ccf_config(d):
   from experiments import tiny_ccf_adapter
   cfg = tiny_ccf_adapter.get_config()
-  cfg.model = model_cfg(convert.hf_config_to_model_config(convert.read_hf_config(d)))
+  cfg.model = model_cfg(hf_config.hf_config_to_model_config(hf_config.read_hf_config(d)))
   cfg.model.arch = 'ccf'
   cfg.ccf.segment_len, cfg.ccf.num_segments, cfg.ccf.num_memory = 16, 2, 4
   cfg.ccf.lora_rank, cfg.ccf.memory_init_token = 4, 2
@@ -260,22 +263,22 @@ def test_adapter_exports_alone_and_reattaches(tmp_path):
   d = fixture('llama2_gqa_untied')
   cfg = ccf_config(d)
   arch = arch_lib.get_arch(cfg)
-  params = arch.from_base_params(cfg, convert.load_hf_params(d, cfg.model))
+  params = arch.from_base_params(cfg, hf_weights.load_hf_params(d, cfg.model))
   params['adapter'] = jax.tree.map(lambda a: np.asarray(a) + 0.5, params['adapter'])  # "Trained".
-  out = convert.export_adapter(params, tmp_path / 'adapter', d, cfg)
-  adapter, _, info = convert.read_adapter(out)
+  out = adapter_lib.export_adapter(params, tmp_path / 'adapter', d, cfg)
+  adapter, _, info = adapter_lib.read_adapter(out)
   assert list(adapter) == ['adapter'] and info['base_ref'] == d
   n_adapter = sum(np.size(x) for x in jax.tree.leaves(adapter))
   assert n_adapter < 0.2 * sum(np.size(x) for x in jax.tree.leaves(params))
-  full, cfg2 = convert.load_adapter(out)  # The base comes from base_ref.
+  full, cfg2 = adapter_lib.load_adapter(out)  # The base comes from base_ref.
   assert cfg2.ccf.lora_rank == 4
   jax.tree.map(np.testing.assert_array_equal, full, jax.tree.map(np.asarray, params))
-  other = convert.load_hf_params(d, cfg.model)
+  other = hf_weights.load_hf_params(d, cfg.model)
   other['final_norm']['scale'] = other['final_norm']['scale'] + 0.25
-  with pytest.raises(convert.ConvertError, match=r'different base.*decoder.final_norm.scale'):
-    convert.load_adapter(out, base=other)
-  with pytest.raises(convert.ConvertError, match='full export, not an adapter'):
-    convert.read_adapter(convert.hf_to_export(d, tmp_path / 'full'))
+  with pytest.raises(hf_config.ConvertError, match=r'different base.*decoder.final_norm.scale'):
+    adapter_lib.load_adapter(out, base=other)
+  with pytest.raises(hf_config.ConvertError, match='full export, not an adapter'):
+    adapter_lib.read_adapter(hf.hf_to_export(d, tmp_path / 'full'))
 
 
 # ---------------------------------------------------------------------------------------- live
@@ -299,7 +302,7 @@ def test_live_transformers(name, exports, tmp_path):
   exp = np.load(os.path.join(fixture(name), 'expected.npz'))
   tokens = torch.as_tensor(exp['tokens'], dtype=torch.long)
   ours = export_logits(exports[name], exp['tokens'])
-  for d in (fixture(name), convert.export_to_hf(exports[name], tmp_path / 'hf')):
+  for d in (fixture(name), hf.export_to_hf(exports[name], tmp_path / 'hf')):
     m = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32,
                                                       attn_implementation='eager').eval()
     with torch.no_grad():

@@ -19,9 +19,10 @@ import pytest
 
 from ccf_jax import registry as arch_lib
 from ccf_jax.inference import engine as inference
+from ccf_jax.inference import sampling
 from ccf_jax.model import decoder as model_lib
 from ccf_jax.ccf import arch as ccf_arch
-from ccf_jax.inference.engine import InferenceError
+from ccf_jax.inference.checks import InferenceError
 from tests import ccf_testing
 
 L, C, T, VOCAB = 16, 4, 4, 61
@@ -195,7 +196,7 @@ def test_batched_generation_crossing_segments_and_stop_tokens():
 
 def test_sampling_rules():
   logits = np.log(np.array([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]], np.float32))
-  draw = jax.jit(jax.vmap(inference.sample_tokens, in_axes=(None, 0, None, None, None)))
+  draw = jax.jit(jax.vmap(sampling.sample_tokens, in_axes=(None, 0, None, None, None)))
   keys = jax.random.split(jax.random.key(0), 2000)
   seen = lambda t, k, p: [set(np.unique(col)) for col in np.asarray(draw(logits, keys, t, k, p)).T]
   assert seen(0.0, 0, 1.0) == [{0}, {3}]  # Greedy.

@@ -1,7 +1,6 @@
 """The decoder against an independent naive reference (plain jnp, unscanned, unsharded)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

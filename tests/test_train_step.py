@@ -3,7 +3,6 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,23 +10,15 @@ from ccf_jax.core import config_lib
 from ccf_jax.train import optim
 from ccf_jax.core import sharding
 from ccf_jax.train import step as ts
+from tests.ccf_testing import set_fields
 from experiments import tiny
 
 
 def small_config(**mesh):
-  c = tiny.get_config()
-  c.model.vocab_size = 64
-  c.model.d_model = 32
-  c.model.num_layers = 2
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.head_dim = 8
-  c.model.mlp_dim = 64
-  c.data.seq_len = 16
-  c.data.batch_size = 8
-  for k, v in mesh.items():
-    c.mesh[k] = v
-  return c
+  c = set_fields(tiny.get_config(), 'model', vocab_size=64, d_model=32, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=8, mlp_dim=64)
+  set_fields(c, 'data', seq_len=16, batch_size=8)
+  return set_fields(c, 'mesh', **mesh)
 
 
 def make_batch(c, seed=0):

@@ -11,6 +11,7 @@ Subcommands (one module each; a subcommand's own flags are defined by its module
   passkey     passkey training of CCF and segment_local (`bench/signal.py`).
   decode      prefill and per-token decode time against context (`bench/decode.py`).
   efficiency  the efficiency evaluation's tables (`eval/efficiency.py`).
+  peer        the train step against PyTorch + transformers on the same shapes (`bench/peer.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ccf_jax.core import config_lib
+from ccf_jax import checkpoint as ckpt_lib
+from ccf_jax import data as data_lib
+from ccf_jax.core import config_lib, sharding
+from ccf_jax.train import faults
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/tiny.py', 'Experiment config.',
                                           lock_config=True)
@@ -37,6 +41,7 @@ SUBCOMMANDS = {
     'passkey': 'ccf_jax.bench.signal:bench_passkey',
     'decode': 'ccf_jax.bench.decode:bench_decode',
     'efficiency': 'ccf_jax.eval.efficiency:bench_efficiency',
+    'peer': 'ccf_jax.bench.peer:bench_peer',
 }
 
 
@@ -44,7 +49,10 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     raise app.UsageError(f'usage: python -m ccf_jax.bench {{{",".join(SUBCOMMANDS)}}} --config=...')
   mod, fn = SUBCOMMANDS[argv[1]].split(':')
-  out = getattr(importlib.import_module(mod), fn)(_CONFIG.value)
+  # A bad config, corpus or checkpoint: one line and an exit code (faults.py), no traceback.
+  with faults.one_line_errors(f'bench {argv[1]}', (config_lib.ConfigError, sharding.MeshError,
+                                                   data_lib.DataError, ckpt_lib.CheckpointError)):
+    out = getattr(importlib.import_module(mod), fn)(_CONFIG.value)
   for rec in out if isinstance(out, list) else [out]:
     print(json.dumps(rec), flush=True)
 

@@ -18,11 +18,9 @@ same window. One JSON object per configuration:
 The modes of one (T, k) are compiled together (`timing.TrainTimer`) and timed in alternating rounds,
 one block each per round, so that a change in the machine's load lands on all of them alike.
 A last object ('memory_targets') evaluates the issue's targets for `reservoir_final` (S=2) from
-the rows above; its step-time ratios are medians over rounds of the per-round ratio. On a shared
-2-core machine one block of 5 steps varies by 10-30%, and before the rounds were paired the best
-of 3 blocks of 20 steps still moved a ratio by up to 0.2 between two runs (steps of 40-130 ms,
-where per-op overhead weighs as much as arithmetic); paired, a round's ratio stays within about
-0.05 of the median (stop 13). `--memory_modes=reservoir_final,full_remat --memory_steps=20`
+the rows above; its step-time ratios are medians over rounds of the per-round ratio. Pairing is
+what makes the ratios stable on a shared machine: unpaired blocks of short steps vary by tens of
+percent with the machine's load, while a round's paired ratio moves far less. `--memory_modes=reservoir_final,full_remat --memory_steps=20`
 re-measures just the step-time target; `--memory_t` picks the window lengths and `--memory_rounds`
 the number of rounds (3 by default) that the ratios are medians over.
 
@@ -71,8 +69,8 @@ MODES = {  # name -> {'model': overrides, 'ccf': overrides}.
     # The final reservoir back-propagates S live encoder segments (the other T - S run without
     # residuals, in lax.map chunks of 4). Those S are remat'd like everything in full_remat: S more
     # encoder forwards (+0.012-0.05 in the FLOP ratio), but writing and re-reading their residuals
-    # cost more than recomputing them on CPU (stop 17, tiny_ccf at k=1: step ratio 0.945 -> 0.87 at
-    # T=4, 0.82 -> 0.79 at T=8; temp 75.7 -> 44.3 MB at T=4). Its decoder is remat'd as full_remat's.
+    # costs more than recomputing them on CPU (WORKSPACE.md, Benchmarks). Its decoder is remat'd as
+    # full_remat's.
     'reservoir_final': dict(REMAT, ccf=dict(
         REMAT['ccf'], grad_mode='reservoir', reservoir_semantics='final', reservoir_size=2,
         compensate=True, encoder_map_batch=4)),
@@ -113,13 +111,13 @@ def _configured(base, num_segments: int, arch: str, model: dict,
   for section, overrides in (('model', model), ('ccf', ccf)):
     for k, v in overrides.items():
       cfg[section][k] = v
-  if not cfg.ccf.memory_attention_block:
-    # Every mode attends to [memory; tokens] in key blocks of one segment's length (blocked
-    # attention, stop 18): the dense scores of one chunk, [B, heads, l, T*c + l] per layer and
-    # alive for all layers in a remat'd chunk's backward pass, were most of what temp memory
-    # gained from T=4 to T=32 (tiny_ccf, k=1: +29 MB against a 3.7 MB buffer). Paired at T=4 it
-    # runs as fast as dense. A config that sets the field keeps its own block size.
-    cfg.ccf.memory_attention_block = cfg.ccf.segment_len
+  if cfg.model.attention_impl == 'auto':
+    # Every mode attends in blocks of one segment's length (blocked attention): the dense scores
+    # of one chunk, [B, heads, l, T*c + l] per layer and alive for all layers in a remat'd chunk's
+    # backward pass, would otherwise be most of what temp memory gains with T. A config that sets
+    # the kernel keeps its own choice.
+    cfg.model.attention_impl = 'blocked'
+    cfg.model.attention_block = cfg.ccf.segment_len
   return cfg
 
 

@@ -15,43 +15,6 @@ only (segment 0 sees no memory in any model, so it would only dilute the differe
     at its own seconds per step (it is cheaper per step, so it gets more steps), on a schedule of
     that length (`equal_time_steps`).
 
-Measured (stop 12, seed 0, tiny_ccf trained 1,500 steps instead of 540, checkpoints every 250
-scored here): segment_local's loss minus CCF's (negative: CCF worse) went -0.043 / -0.030 /
--0.018 / -0.025 / -0.017 / -0.016 nats (paired SE 0.005-0.009) at steps 250..1500, while the
-memory's own effect (off minus on, same weights) grew from 0.024 at 500 to 0.036 (SE 0.004) at
-1500; CCF's memory-off weights stay about 0.05 worse than segment_local throughout. The deficit
-narrows but does not close by 1,500 steps.
-Stop 15, with the gated read and the encoder's gradient cut (`--config.ccf.memory_gate=tanh
---config.ccf.encoder_trains_base=False --config.ccf.ae_mode=off`): 3 seeds at 540 steps (27
-minutes in all), ccf 4.4211, memory off 4.4309, segment_local 4.4163, segment_local - CCF
--0.0048 (paired SE 0.0024), seed spread 0.025; the 2,700-step curve (seed 0) went -0.003 / -0.012
-/ -0.022 / -0.030 / -0.028 / -0.032 / -0.034 / -0.024 / -0.035 at steps 300..2700 (SE 0.004-0.007)
-with the memory effect at 0.009 (600) and 0.017-0.020 from 900 on. The shipped tiny_ccf (paper
-recipe, auto-encoding 0.25), same 3 seeds and 540 steps: ccf 4.5261, memory off 4.5452,
-segment_local - CCF -0.110 (paired SE 0.006), CCF's seed spread 0.043.
-Stop 16, the paper recipe without auto-encoding (`--config.ccf.ae_mode=off`), seed 0, 2,700 steps
-(14 minutes of CCF on this sandbox): segment_local - CCF -0.042 / -0.017 / -0.018 / -0.016 /
--0.014 / -0.010 / -0.016 / -0.012 / -0.017 (SE 0.006-0.007) at steps 300..2700, flat from 600 on,
-while the memory's effect grew from 0.009 to 0.053; at 2,700 ccf 3.7118, memory off 3.7649,
-segment_local 3.6945. From scratch, CCF's weights pay for their memory in LM quality.
-`--base_steps=N` starts every model from a plain decoder pretrained for N steps per seed (the
-paper's setting, which experiments/tiny_ccf.py now is; until stop 16 it trained from scratch, as
-experiments/tiny_ccf_scratch.py does, and the runs above are that recipe): seed 0, a 2,000-step
-base, 1,000 fine-tuning steps at lr 1e-3 without auto-encoding: segment_local - CCF +0.015 / +0.020 / +0.025 / +0.024
-(paired SE 0.0017-0.0023) at steps 250..1000, memory effect 0.017 -> 0.034, ccf 3.6345, memory off
-3.6680, segment_local 3.6587. Over 3 seeds (`--base_steps=2000 --signal_seeds=3`, a base per seed,
-about 15.5 minutes a seed with the base): ccf 3.6393, memory off 3.6745, segment_local 3.6643;
-segment_local - CCF +0.0250 (paired SE 0.0010, z 24.4; per seed 0.0243 / 0.0238 / 0.0269, spread
-0.0017); each model's own seed spread 0.026 / 0.024, so bar_beyond_seed_spread is false by 0.0006:
-what moves both models of a seed alike (its base) dominates that spread.
-Stop 17, experiments/tiny_ccf.py (that recipe, now the default) with its 3 seeds sharing one
-base (the tiny.py export, as the paper's seeds share Llama-2): ccf 3.6319, memory off 3.6651,
-segment_local 3.6567; segment_local - CCF +0.0248 (paired SE 0.0011, z 22.5; per seed 0.0243 /
-0.0243 / 0.0259), each model's seed spread 0.0048 / 0.0039: both bars met. Seed 0 with
-`--signal_full_attention`: full_attention 3.6223 (729 s of training against CCF's 307 s and
-segment_local's 188 s), gap closed 0.666; at equal wall time segment_local trained 1,661 steps
-(`equal_time_steps`) and scored 3.6276, 0.007 better than CCF.
-
 Prints one JSON object per trained model and a final summary object. Run outside the test suite;
 it takes `steps` x (2..4 models) x seeds training steps.
 
@@ -59,8 +22,8 @@ it takes `steps` x (2..4 models) x seeds training steps.
 the CCF model and segment_local trained on passkey windows (`data.task='passkey'`, same steps),
 then teacher-forced per-digit accuracy and exact match of the key on held-out full-length windows
 (key in segment 0, question at the end of segment T-1), for CCF with memory on and off. With
-a pretrained plain decoder (experiments/tiny_ccf_passkey.py starts from the tiny.py export) it
-reached 1.000 per digit at T=8 (stop 16), where from scratch 1,500 steps gave 0.2375.
+a pretrained plain decoder (experiments/tiny_ccf_passkey.py starts from the tiny.py export); the
+measured figures are in WORKSPACE.md.
 """
 
 from __future__ import annotations
@@ -226,8 +189,8 @@ def _stats(x: np.ndarray) -> dict:
 def equal_time_steps(ccf_summary: dict, baseline_summary: dict) -> int:
   """Steps the baseline takes in CCF's training time at its own measured seconds per step. The
   baseline then trains that many steps on a schedule of that length: a run cut by a time budget
-  instead stops with its learning rate still high (stop 17: segment_local cut at 1,546 steps of a
-  100,000-step schedule scored 3.7040, worse than its own 1,000-step run's 3.6587)."""
+  instead stops with its learning rate still high, and scores worse than a shorter run that
+  completed its schedule."""
   per_step = baseline_summary['phases']['train'] / baseline_summary['final_step']
   return max(ccf_summary['final_step'], round(ccf_summary['phases']['train'] / per_step))
 

@@ -9,6 +9,8 @@ attention actually computes when blocked attention skips key blocks no query may
 
 from __future__ import annotations
 
+import numpy as np
+
 from ccf_jax.core import flops
 from ccf_jax.model import decoder as model_lib
 
@@ -54,32 +56,45 @@ def segment_local_train_flops(cfg, batch_size: int) -> float:
 
 
 
-def decoder_key_rows(ccf_cfg) -> float:
+def blocked_key_rows(visible: np.ndarray, block: int) -> float:
+  """Key rows per query that the blocked kernel (model/blocked_attention.py) computes for the
+  boolean mask visible [Lq, Lk] (the union over the batch): every (query block, key block) pair
+  in which some query sees some key runs in full, the others are skipped."""
+  lq, lk = visible.shape
+  bq, bk = min(block, lq), min(block, lk)
+  nq, nk = -(-lq // bq), -(-lk // bk)
+  padded = np.zeros((nq * bq, nk * bk), bool)
+  padded[:lq, :lk] = visible
+  return float(padded.reshape(nq, bq, nk, bk).any((1, 3)).sum() * bq * bk / lq)
+
+
+def decoder_key_rows(cfg) -> float:
   """Key rows a decoder query's attention computes, averaged over chunk steps: the buffer's T*c rows
   (or the W + k segments' rows a chunk slices under memory_window) and the segment's l tokens,
-  or, with `memory_attention_block`, the rows of the key blocks some query of the chunk may see
-  (blocked_attention skips the others: at k=1, the memory of the chunk's own and later segments).
-  With memory_gate='tanh' memory and tokens are two attentions, blocked apart."""
-  x = ccf_cfg
+  or, with model.attention_impl='blocked', the rows of the block pairs some query of the chunk may
+  see (`blocked_key_rows`: at k=1 the memory of the chunk's own and later segments and the blocks
+  above the causal diagonal are skipped). With memory_gate='tanh' memory and tokens are two
+  attentions, blocked apart."""
+  x, m = cfg.ccf, cfg.model
   t, c, l = x.num_segments, x.num_memory, x.segment_len
   k = x.decoder_segment_chunk or t
   w = x.memory_window
   sliced = w + k if w and w + k < t else 0
   rows = (sliced or t) * c
-  block = x.get('memory_attention_block', 0)
-  dense = lambda n: n if not block or n <= block else -(-n // block) * block
-  if not block or rows + l <= block:
+  if m.get('attention_impl', 'auto') != 'blocked':
     return float(rows + l)
-  split = x.memory_gate == 'tanh'
-  total = 0
+  block = m.attention_block
+  tokens = np.tril(np.ones((l, l), bool))
+  total = 0.0
   for first in range(0, t, k):
     start = min(max(first - w, 0), t - sliced) if sliced else 0  # First sliced segment.
     lo = max(first - w, 0) if w else 0
-    seen = {((s - start) * c + j) // block for s in range(lo, first + k - 1) for j in range(c)}
-    if split:
-      total += (len(seen) * block if rows > block else rows) + dense(l)
+    segment = start + np.arange(rows) // c
+    memory = np.broadcast_to((segment >= lo) & (segment < first + k - 1), (l, rows))
+    if x.memory_gate == 'tanh':
+      total += blocked_key_rows(memory, block) + blocked_key_rows(tokens, block)
     else:
-      total += len(seen | {(rows + i) // block for i in range(l)}) * block
+      total += blocked_key_rows(np.concatenate([memory, tokens], 1), block)
   return total / (t // k)
 
 
@@ -104,7 +119,7 @@ def train_flops(cfg, batch_size: int) -> float:
   dec_remat = x.decoder_remat != 'none'
   layer_remat = (dec_remat and single) or (m.remat_policy != 'none' and not (dec_remat and single))
   executed = flops.forward_flops(m, batch_size * t * x.segment_len, x.segment_len,
-                                 decoder_key_rows(x))  # f['decoder'] attends to all T*c + l rows.
+                                 decoder_key_rows(cfg))  # f['decoder']: all T*c + l rows.
   decoder = executed * (3.0 + (dec_remat and not single) + layer_remat)
   ae = 3.0 * f['ae']
   if f['ae'] and x.grad_mode != 'full':  # The auto-encoded segment is encoded again, live.

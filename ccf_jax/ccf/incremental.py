@@ -17,7 +17,7 @@ the decoding of segment t, "memory s" the latents z_s the encoder produced from 
    sum over all later losses is what the PyTorch code accumulates on detached copies of z_s; the
    encoder backward then runs once per segment. `ccf.decoder_remat` checkpoints each chunk step (so
    the decoder keeps one chunk's activations whatever T) or, with a single chunk, its layers.
-   `ccf.memory_attention_block` attends to [buffer rows; tokens] in key blocks (blocked_attention),
+   `model.attention_impl='blocked'` attends to [buffer rows; tokens] in blocks (blocked_attention),
    so that one chunk's backward keeps one block of scores, not [l, T*c + l] per head and layer,
    and skips the blocks of segments the chunk may not see yet.
 3. Gradient modes decide which (loss t, memory s) pairs carry gradient into the encoder. The forward

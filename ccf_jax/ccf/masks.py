@@ -37,6 +37,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ccf_jax.model import spans as spans_lib
+
 
 def default_ratio(ccf_cfg) -> int:
   """The ratio used when none is sampled or given: l / c (the finest one the model has)."""
@@ -76,6 +78,24 @@ def encoder_layout(span: jax.Array, segment_len: int, num_memory: int, plain: bo
   mask = jnp.concatenate([jnp.concatenate([tok_tok, tok_mem], 2),
                           jnp.concatenate([mem_tok, mem_mem], 2)], 1)
   return positions.astype(jnp.int32), mask
+
+
+def encoder_spans(span: jax.Array, segment_len: int, num_memory: int,
+                  plain: bool = False) -> spans_lib.Spans:
+  """`encoder_layout`'s mask as key ranges (model/attention.py): token i sees [0, i + 1); memory
+  slot j sees [0, cover_j) (or the whole segment, 'plain') and [l + j, l + j + 1), itself."""
+  l, c, b = segment_len, num_memory, span.shape[0]
+  i = jnp.arange(l, dtype=jnp.int32)
+  j = jnp.arange(c, dtype=jnp.int32)
+  cover = jnp.minimum((j[None] + 1) * span[:, None], l).astype(jnp.int32)  # [B, c]
+  if plain:
+    cover = jnp.full((b, c), l, jnp.int32)
+  tok_lo = jnp.zeros((b, l, 2), jnp.int32)  # The second range is empty for tokens.
+  tok_hi = jnp.broadcast_to(jnp.stack([i + 1, jnp.zeros_like(i)], -1)[None], (b, l, 2))
+  self_lo = jnp.broadcast_to(l + j, (b, c))
+  mem_lo = jnp.stack([jnp.zeros((b, c), jnp.int32), self_lo], -1)
+  mem_hi = jnp.stack([cover, self_lo + 1], -1)
+  return spans_lib.Spans(jnp.concatenate([tok_lo, mem_lo], 1), jnp.concatenate([tok_hi, mem_hi], 1))
 
 
 def memory_positions(ccf_cfg, span: jax.Array, segments: jax.Array) -> jax.Array:
@@ -121,6 +141,14 @@ def decoder_mask(mem_segment, mem_valid, lo, hi, segment_len: int) -> jax.Array:
   i = jnp.arange(segment_len)
   causal = jnp.broadcast_to(i[:, None] >= i[None, :], (b, n, segment_len, segment_len))
   return jnp.concatenate([vis, causal], axis=-1)
+
+
+def decoder_spans(mem_segment, mem_valid, lo, hi, segment_len: int) -> spans_lib.Spans:
+  """`decoder_mask` reshaped to [B * n, l, R + l], as key ranges and per-key flags: every query of
+  a segment sees the same memory rows, then its own tokens causally."""
+  seg = mem_segment[:, None, :]
+  vis = mem_valid[:, None, :] & (seg >= lo[..., None]) & (seg < hi[..., None])  # [B, n, R]
+  return spans_lib.prefix_causal(vis.reshape(-1, vis.shape[-1]), segment_len)
 
 
 def scored_mask(ccf_cfg, loss_mask, num_valid_segments) -> jax.Array:

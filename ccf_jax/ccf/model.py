@@ -30,7 +30,6 @@ so the foundation layers keep the segment axis sharded without knowing about it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from typing import NamedTuple
 
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from ccf_jax.model import spans
 from ccf_jax.model import decoder as model_lib
 from ccf_jax.core import sharding
 from ccf_jax.ccf import masks
@@ -171,7 +171,9 @@ class CCFModel(nnx.Module):
     attention input of every layer at the memory positions). `remat_policy` overrides
     model.remat_policy for the encoder's layers (ccf.encoder_remat)."""
     n, l, _ = x.shape
-    positions, mask = masks.encoder_layout(span, l, self.ccf.num_memory, self.ccf.mask == 'plain')
+    plain = self.ccf.mask == 'plain'
+    positions, _ = masks.encoder_layout(span, l, self.ccf.num_memory, plain)
+    mask = masks.encoder_spans(span, l, self.ccf.num_memory, plain)
     scale = lora_scale(self.ccf)
     ad = self.adapter
     weights = (ad.enc_q.a[...], ad.enc_q.b[...], ad.enc_v.a[...], ad.enc_v.b[...])
@@ -223,20 +225,14 @@ class CCFModel(nnx.Module):
     """[layers, heads] weight of the decoder's memory read, tanh(g) with g zero at
     initialisation (`ccf.memory_gate='tanh'`), or None: one softmax over [memory ; raw] (paper).
 
-    Why a gate (a hypothesis it tested): trained from scratch, a joint softmax lets up to T*c
+    Why a gate: trained from scratch, a joint softmax lets up to T*c
     memory rows of a still random encoder take attention mass from the local tokens from the
     first step, which might be why the decoder learned worse than segment_local. With the gate, memory rows get a
     softmax of their own whose output is added with weight tanh(g): at g = 0 the decoder is
     exactly segment_local, g moves only where reading memory lowers the loss (its gradient at 0
     is the correlation of the read with the loss gradient), and the rows' own gradient grows
-    with it (Flamingo's gated cross-attention, applied per head). Measured on tiny_ccf (seed 0,
-    540 steps, ae_mode=off): alone, the gates stayed below 0.06 and held-out loss was 0.029 worse
-    than segment_local's, as without the gate. With `ccf.encoder_trains_base=False` as well (stop
-    15): over 3 seeds at 540 steps CCF was 0.005 (SE 0.002) worse than segment_local instead of
-    about 0.03, but on a 2,700-step curve the deficit grew again (-0.003 at 300 steps, -0.022 at
-    900, -0.035 at 2,700) while the memory's own effect stalled at 0.017-0.020; the memory path's
-    gradient is scaled by tanh(g), so it starts slowly (copy windows of 200 steps: memory unused),
-    and a start at g = 0.5 (`ccf.memory_gate_init`) cost 0.047 nats at 540 steps. Not the default.
+    with it (Flamingo's gated cross-attention, applied per head). What it costs and buys at the tiny size is recorded in
+    WORKSPACE.md; the paper's ungated read is the default.
     """
     if self.ccf.memory_gate != 'tanh':
       return None
@@ -284,24 +280,20 @@ def decode_segments(decoder: model_lib.Decoder, ccf_cfg, tokens: jax.Array, span
     if first_input is not None:
       x = x.at[:, 0].set(first_input.astype(x.dtype))
     if memory is None:
-      out, _ = decoder.run_layers(x, positions, model_lib.causal_mask(l), remat_policy=remat_policy)
+      out, _ = decoder.run_layers(x, positions, spans.causal(l), remat_policy=remat_policy)
     else:
-      mask = masks.decoder_mask(memory.segment, memory.valid, lo, hi, l).reshape(b * n, l, -1)
+      mask = masks.decoder_spans(memory.segment, memory.valid, lo, hi, l)
       kv = tuple(_per_query_segment(a, n) for a in (memory.k, memory.v))
-      # get(): configs exported before the field existed.
-      block = functools.partial(memory_kwargs,
-                                attention_block=ccf_cfg.get('memory_attention_block', 0))
       out, _ = decoder.run_layers(x, positions, mask, xs=(kv, memory.read_gate),
-                                  block_kwargs=block, remat_policy=remat_policy)
+                                  block_kwargs=memory_kwargs, remat_policy=remat_policy)
     logits = decoder.logits(out)
   return logits.reshape(b, n, l, -1)
 
 
-def memory_kwargs(xs, memory_rows: int | None = None, attention_block: int = 0) -> dict:
-  """Block arguments of one layer's slice of (memory (k, v), read_gate or None); attention over
-  more than `attention_block` key rows runs in blocks (0: dense; `ccf.memory_attention_block`)."""
+def memory_kwargs(xs, memory_rows: int | None = None) -> dict:
+  """Block arguments of one layer's slice of (memory (k, v), read_gate or None)."""
   kv, gate = xs
-  out = {'kv_prefix': kv, 'attention_block': attention_block}
+  out = {'kv_prefix': kv}
   return out if gate is None else dict(out, memory_gate=gate, memory_rows=memory_rows)
 
 

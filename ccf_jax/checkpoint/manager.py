@@ -5,8 +5,11 @@ async atomic saves, and `restore_or_init` (resume from the first good checkpoint
 from __future__ import annotations
 
 import datetime
+import errno
 import json
+import os
 import platform
+import shutil
 import time
 from typing import Any, Callable, Optional
 
@@ -17,7 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import grain
 from ccf_jax.checkpoint.integrity import (CHECKPOINTS_SUBDIR, CONFIG, DATA, FORMAT_VERSION,
-                                          METADATA, STATE, abspath, fingerprint)
+                                          METADATA, STATE, CorruptCheckpointError, abspath,
+                                          fingerprint, short_error)
 from ccf_jax.checkpoint.restore import (RestoreInfo, restore_first_good, restore_step_dir, step_dirs)
 
 
@@ -123,6 +127,7 @@ class CheckpointManager:
     step = int(step)
     if not self.should_save(step, force):
       return False
+    self.check_storage(state)
     t0 = time.time()
     extra = _jsonable(dict(extra or {}))
     now = time.time()
@@ -145,13 +150,38 @@ class CheckpointManager:
                  self.step_dir(step))
     return bool(saved)
 
+  def check_storage(self, state):
+    """Raises OSError (EROFS, EACCES, ENOSPC: path, bytes needed and free) before a save that
+    cannot succeed. Orbax's async save of an unwritable directory fails in a background thread
+    and leaves the caller waiting about 5 minutes; a full disk fails mid-write with many
+    tracebacks. A probe file and the state's size against the free space catch both first."""
+    self._manager.wait_until_finished()  # The previous save's bytes count as used.
+    probe = self.directory / f'.write_probe.{platform.node()}.{os.getpid()}'
+    probe.write_bytes(b'0')  # OSError with the errno and the path.
+    probe.unlink()
+    needed = sum(int(getattr(x, 'nbytes', 0)) for x in jax.tree.leaves(state))
+    try:
+      free = shutil.disk_usage(str(self.directory)).free
+    except OSError:  # Not a local file system (gs://...): no free-space figure.
+      return
+    if free < needed:
+      raise OSError(errno.ENOSPC, f'No space left on device: a checkpoint of {needed:,} bytes '
+                    f'does not fit in the {free:,} bytes free', str(self.directory))
+
   def wait(self):
     """Blocks until pending async saves are committed (re-raises their errors)."""
     self._manager.wait_until_finished()
 
-  def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+  def close(self, quiet: bool = False):
+    """Waits for pending saves and closes. `quiet` (while another error propagates) logs a
+    failing pending save instead of raising it over that error."""
+    try:
+      self._manager.wait_until_finished()
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      if not quiet:
+        raise
+      logging.warning('closing the checkpoint manager after an error: %s', short_error(e))
 
   def __enter__(self):
     return self
@@ -167,13 +197,16 @@ class CheckpointManager:
     state, metadata, config = restore_step_dir(step_dir, abstract_state, data_iter, step)
     return state, RestoreInfo('restored', step, str(step_dir), [], metadata, config)
 
-  def restore_or_init(self, abstract_state, init_fn: Callable[[], Any], data_iter=None):
+  def restore_or_init(self, abstract_state, init_fn: Callable[[], Any], data_iter=None,
+                      allow_fresh_start: bool = False):
     """Resumes from the latest good checkpoint, else `init_fn()` at step 0: (state, step, info).
 
     `abstract_state`: pytree of jax.ShapeDtypeStruct with `.sharding` (arrays are placed exactly
     there, whatever mesh saved them). `data_iter` (grain DatasetIterator) is positioned in place.
     Corrupt checkpoints are renamed `<step>.corrupt` with a WARNING and the previous one is tried;
-    a checkpoint that does not fit `abstract_state` raises CheckpointMismatchError.
+    a checkpoint that does not fit `abstract_state` raises CheckpointMismatchError. When every
+    checkpoint is corrupt, training from step 0 over that run's workdir needs `allow_fresh_start`;
+    otherwise CorruptCheckpointError names them.
     """
     self.wait()
     candidates = step_dirs(self.directory)
@@ -183,7 +216,13 @@ class CheckpointManager:
     if state is not None:
       logging.info('Resumed: %s', result)
       return state, step, result
+    if result and not allow_fresh_start:
+      moved = ', '.join(d['moved_to'] or d['path'] for d in result)
+      raise CorruptCheckpointError(
+          f'every checkpoint in {self.directory} is corrupt (moved aside: {moved}); nothing was '
+          'trained over them. Fix: repair or restore them and rerun, or start afresh in this '
+          'workdir with --allow_fresh_start (python -m ccf_jax.train).')
     if result:
       logging.error('No usable checkpoint in %s (all %d were corrupt and moved aside); starting '
-                    'from scratch.', self.directory, len(result))
+                    'from scratch (allow_fresh_start).', self.directory, len(result))
     return init_fn(), 0, RestoreInfo('initialized', 0, None, result)

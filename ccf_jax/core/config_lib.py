@@ -90,6 +90,7 @@ def validate(cfg, num_devices: int | None = None) -> ml_collections.ConfigDict:
            'model.param_dtype and model.dtype must be float32 or bfloat16.')
   _require(m.remat_policy in REMAT_POLICIES,
            f'model.remat_policy={m.remat_policy!r}; choose one of {REMAT_POLICIES}.')
+  _check_attention(m)
   _require(d.mode in ('packed', 'windows'), f"data.mode={d.mode!r}; choose 'packed' or 'windows'.")
   _require(d.task in ('', 'passkey'), f"data.task={d.task!r}; choose '' (corpus text) or 'passkey'.")
   _require(d.passkey_score in ('answer', 'all'),
@@ -104,8 +105,7 @@ def validate(cfg, num_devices: int | None = None) -> ml_collections.ConfigDict:
            'question in the last. Fix: --config.data.mode=windows.')
   _require(x.num_memory > 0 and x.segment_len % x.num_memory == 0,
            f'ccf.segment_len={x.segment_len} is not divisible by ccf.num_memory={x.num_memory}. '
-           f'Fix: pick c dividing l (ratio r = l/c), e.g. --config.ccf.num_memory='
-           f'{max(1, x.segment_len // 8)}.')
+           f'Fix: pick c dividing l (ratio r = l/c){_divisor_hint(x.segment_len, x.num_memory)}.')
   _require(window_len(cfg) <= m.max_position or m.arch in ('ccf', 'segment_local'),
            f'a window of {window_len(cfg)} tokens exceeds model.max_position={m.max_position}. '
            f'Fix: shorten data.seq_len or raise model.max_position.')
@@ -113,13 +113,50 @@ def validate(cfg, num_devices: int | None = None) -> ml_collections.ConfigDict:
   _require(t.nonfinite in ('skip', 'stop'), f"train.nonfinite={t.nonfinite!r}; 'skip' or 'stop'.")
   _require(t.grad_accum >= 1 and d.batch_size % t.grad_accum == 0,
            f'data.batch_size={d.batch_size} must be divisible by train.grad_accum={t.grad_accum}.')
-  _require(t.steps > 0 and 0 <= t.warmup_steps <= t.steps,
+  _require(t.steps > 0, f'train.steps={t.steps}: train.steps must be > 0. Fix: '
+           '--config.train.steps=N with N >= 1.')
+  _require(0 <= t.warmup_steps <= t.steps,
            f'train.warmup_steps={t.warmup_steps} must lie in [0, train.steps={t.steps}].')
+  _require(math.isfinite(t.lr) and t.lr > 0,
+           f'train.lr={t.lr}: the learning rate must be finite and > 0. Fix: '
+           '--config.train.lr=3e-4 (or another positive value).')
   if m.arch in ('ccf', 'segment_local', 'full_attention'):
     _check_ccf(cfg)
   if num_devices is not None:
     check_mesh(cfg, num_devices)
   return cfg
+
+
+def _divisor_hint(l: int, c: int) -> str:
+  """', e.g. --config.ccf.num_memory=D' with D the divisors of l (below l) nearest to c, or ''."""
+  divisors = [d for d in range(1, l) if l % d == 0]
+  if not divisors:
+    return ''
+  below = [d for d in divisors if d <= c]
+  above = [d for d in divisors if d > c]
+  picks = ([max(below)] if below else []) + ([min(above)] if above else [])
+  return ', e.g. ' + ' or '.join(f'--config.ccf.num_memory={d}' for d in picks)
+
+
+# ---- model.attention_impl (model/attention.py) -------------------------------------------------
+ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn', 'splash')  # model/attention.py: IMPLS.
+
+
+def _check_attention(m):
+  """The attention switch: a known kernel, a positive block, and cudnn only for bf16 compute
+  (the platform itself is checked when the model is traced: plans are made on other hosts)."""
+  _require(m.attention_impl in ATTENTION_IMPLS,
+           f'model.attention_impl={m.attention_impl!r}; choose one of {ATTENTION_IMPLS}.')
+  _require(m.attention_block >= 1,
+           f'model.attention_block={m.attention_block} must be >= 1 (query/key rows per block '
+           'of the blocked and splash kernels). Fix: 128.')
+  _require(m.attention_impl != 'cudnn' or m.dtype == 'bfloat16',
+           "model.attention_impl='cudnn' runs bf16/fp16 only. Fix: --config.model.dtype=bfloat16 "
+           "or --config.model.attention_impl=auto.")
+  _require(m.attention_impl != 'splash' or m.attention_block % 128 == 0,
+           f"model.attention_impl='splash' needs model.attention_block={m.attention_block} to be a "
+           'multiple of 128 (the kernel computes key blocks of 128 lanes). Fix: 128 or 512.')
+# -------------------------------------------------------------------------------------------------
 
 
 def _check_ccf(cfg):
@@ -153,8 +190,6 @@ def _check_ccf(cfg):
     _require(x[name] >= 0 and (x[name] == 0 or t % x[name] == 0),
             f'ccf.{name}={x[name]} must divide ccf.num_segments={t}. Fix: a divisor of {t} '
             f'(1 = one segment at a time) or 0 (all {t} at once).')
-  _require(x.memory_attention_block >= 0, f'ccf.memory_attention_block={x.memory_attention_block} '
-          'must be >= 0 (key rows per block; 0 = dense attention).')
   _require(x.memory_window >= 0, f'ccf.memory_window={x.memory_window} must be >= 0 (0 = all).')
   _require(x.ae_weight >= 0 and (x.ae_mode != 'alternate' or x.ae_weight <= 1),
           f'ccf.ae_weight={x.ae_weight} must be >= 0 (and <= 1 with ae_mode=alternate).')

@@ -13,8 +13,9 @@ field) generated as one batch of different lengths; any other file is one prompt
 
 Text is encoded exactly as the model saw it in training: `[bos] + ids` for windowed (CCF) data,
 where every document starts with bos, plain ids for packed data. Generation stops at eos by default
-(`stop` adds single-token stops such as '\\n'). All the work is `ccf_jax.inference.Engine`'s; this
-module only adds the tokenizer and the command line.
+(`stop` adds single-token stops such as '\\n'). All the work is
+`ccf_jax.inference.engine.Engine`'s; this module only adds the tokenizer and prompt files (the
+command line is `ccf_jax/generate.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Sequence
 
 import ml_collections
 
-from ccf_jax.inference.engine import Engine, InferenceError
+from ccf_jax.inference.checks import InferenceError
+from ccf_jax.inference.engine import Engine
 from ccf_jax.checkpoint import export as export_lib
 from ccf_jax.data.tokenizer import load_tokenizer
 

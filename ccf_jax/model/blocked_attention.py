@@ -1,23 +1,22 @@
-"""Softmax attention over key blocks with an online softmax and a recomputing backward pass.
+"""Softmax attention over query x key blocks: online softmax, per-block masks, skipped blocks, and a
+backward pass that recomputes probabilities (`model.attention_impl='blocked'`).
 
-`layers.attend` materialises the scores of every query against every key, and autodiff keeps them
-(and the probabilities) for the backward pass: [B, heads, Lq, Lk] float32, several times over. For
-the CCF decoder the keys are the memory buffer (T*c rows) plus the segment's own l tokens, so the
-scores grow with the window length T, and under a remat'd chunk step (`ccf.decoder_remat`) all
-layers' scores of one chunk are alive at once in the backward pass. That, not the buffer itself,
-was most of what the train step's temp memory gained from T=4 to T=32 (stop 17: 29 MB against a
-3.7 MB buffer on tiny_ccf at k=1).
+Dense attention materialises the scores of every query against every key, autodiff keeps them and
+the probabilities for the backward pass ([B, heads, Lq, Lk] float32, several times over), and
+masked entries (half of a causal square; for the CCF decoder at one segment per chunk, most of the
+memory buffer) cost as much as visible ones. Here the queries are cut into blocks of `block` rows
+and, for each, a `lax.scan` over key blocks keeps the running max / sum / output of an online
+softmax (as in FlashAttention). Everything runs under a `jax.custom_vjp` whose residuals are q, k,
+v, the mask descriptor, the output and the per-query log-sum-exp; the backward pass (a scan over
+key blocks, each scanning the query blocks) recomputes each block's probabilities. Transient
+memory is one block of scores.
 
-`blocked_attend` computes the same function key block by key block (a `lax.scan` with the running
-max / sum / output of an online softmax, as in FlashAttention) under a `jax.custom_vjp` whose
-residuals are only q, k, v, the mask, the output and the per-query log-sum-exp; the backward pass
-recomputes each block's probabilities. Transient memory is then one block of scores, whatever Lk.
-Blocks whose keys no query may see (the memory of segments after the query's, at k=1 most of the
-buffer) are skipped by `lax.cond`, in both passes: FLOPs the dense path spends on masked scores.
+Masks are never [B, Lq, Lk]: from an `attention.Spans` descriptor (key ranges per query and flags
+per key) each block's [B, bq, bk] mask is computed when the block is visited, and a [nq, nk] table
+of the blocks some query may see decides, by `lax.cond`, which blocks run at all, in both passes.
+A plain boolean mask is also accepted (sliced per block) for callers that build one.
 
-Pure JAX, so it runs on CPU, GPU and TPU and under SPMD partitioning; a fused kernel (Pallas, cuDNN)
-would go further on accelerators. Enabled by `model.attention_block` (key rows per block; 0 = the
-dense `attend`).
+Pure JAX, so it runs on CPU, GPU and TPU and under SPMD partitioning.
 """
 
 from __future__ import annotations
@@ -28,62 +27,128 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ccf_jax.model.spans import Spans, block_mask
+
 _NEG = jnp.finfo(jnp.float32).min
 
 
-def _blocks(q, k, v, mask, block: int):
-  """Grouped queries [B, K, G, Lq, D] (float32, pre-scaled) and per-block keys, values [n, B, blk,
-  K, D] and mask [n, B, Lq, blk]; keys padded to a multiple of `block` are masked."""
-  b, lq, h, d = q.shape
-  lk, kh = k.shape[1], k.shape[2]
-  n = -(-lk // block)
-  pad = n * block - lk
-  mask = jnp.broadcast_to(mask, (b, lq, lk))
-  if pad:
-    k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad)))
-  qg = (q.astype(jnp.float32) / math.sqrt(d)).reshape(b, lq, kh, h // kh, d).transpose(0, 2, 3, 1, 4)
-  split = lambda a: a.astype(jnp.float32).reshape(b, n, block, kh, d).swapaxes(0, 1)
-  mask = mask.reshape(b, lq, n, block).transpose(2, 0, 1, 3)
-  return qg, split(k), split(v), mask
+def _pad_to(a, axis: int, size: int, value=0):
+  pad = size - a.shape[axis]
+  if not pad:
+    return a
+  widths = [(0, 0)] * a.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(a, widths, constant_values=value)
 
 
-def _scores(qg, kb, mb):
-  """Scores [B, K, G, Lq, blk] of one block, masked entries at the float32 minimum."""
-  s = jnp.einsum('bkgqd,bskd->bkgqs', qg, kb)
+def _mask_source(mask, lq: int, lk: int, bq: int, bk: int):
+  """(block_fn(qi, kj) -> bool[B|1, bq, bk], visible bool[nq, nk]) of either mask form."""
+  nq, nk = -(-lq // bq), -(-lk // bk)
+  j0 = jnp.arange(bk, dtype=jnp.int32)
+  if isinstance(mask, Spans):
+    lo, hi = (_pad_to(a.astype(jnp.int32), 1, nq * bq) for a in (mask.lo, mask.hi))
+    key_ok = None if mask.key_ok is None else _pad_to(mask.key_ok, 1, nk * bk, False)
+
+    def block_fn(qi, kj):
+      cut = lambda a: jax.lax.dynamic_slice_in_dim(a, qi * bq, bq, axis=1)
+      j = kj * bk + j0
+      ok = None if key_ok is None else jax.lax.dynamic_slice_in_dim(key_ok, kj * bk, bk, axis=1)
+      return block_mask(cut(lo), cut(hi), ok, j) & (j < lk)
+
+    start = jnp.arange(nk, dtype=jnp.int32) * bk
+    touch = ((hi > lo)[..., None] & (lo[..., None] < jnp.minimum(start + bk, lk))
+             & (hi[..., None] > start))  # [B, Lq, R, nk]: range r of query i reaches block kb.
+    touch = touch.any(2).reshape(touch.shape[0], nq, bq, nk).any(2)
+    if key_ok is not None:
+      touch = touch & key_ok.reshape(key_ok.shape[0], nk, bk).any(-1)[:, None, :]
+    return block_fn, touch.any(0)
+  m = jnp.asarray(mask)
+  m = m.reshape((1,) * (3 - m.ndim) + m.shape)
+  m = jnp.broadcast_to(m, (m.shape[0], lq, lk))
+  m = _pad_to(_pad_to(m, 1, nq * bq, False), 2, nk * bk, False)
+
+  def block_fn(qi, kj):
+    return jax.lax.dynamic_slice(m, (0, qi * bq, kj * bk), (m.shape[0], bq, bk))
+
+  visible = m.reshape(m.shape[0], nq, bq, nk, bk).any((0, 2, 4))
+  return block_fn, visible
+
+
+def _sizes(q, k, block: int):
+  return min(block, q.shape[1]), min(block, k.shape[1])
+
+
+def _group(a, kh: int, nq: int, bq: int):
+  """[B, Lq, H, D] -> [nq, B, K, G, bq, D] float32 (H = K * G), padded to nq * bq queries."""
+  b, lq, h, d = a.shape
+  a = _pad_to(a.astype(jnp.float32), 1, nq * bq)
+  return a.reshape(b, nq, bq, kh, h // kh, d).transpose(1, 0, 3, 4, 2, 5)
+
+
+def _ungroup(a, lq: int):
+  """[nq, B, K, G, bq, D] -> [B, Lq, H, D]."""
+  nq, b, kh, g, bq, d = a.shape
+  return a.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, kh * g, d)[:, :lq]
+
+
+def _split_k(a, nk: int, bk: int):
+  """[B, Lk, K, D] -> [nk, B, bk, K, D] float32, padded to nk * bk keys."""
+  b, _, kh, d = a.shape
+  a = _pad_to(a.astype(jnp.float32), 1, nk * bk)
+  return a.reshape(b, nk, bk, kh, d).swapaxes(0, 1)
+
+
+def _scores(qb, kb, mb):
+  """Scores [B, K, G, bq, bk] of one block pair, masked entries at the float32 minimum."""
+  s = jnp.einsum('bkgqd,bskd->bkgqs', qb, kb)
   return jnp.where(mb[:, None, None], s, _NEG)
 
 
 def _forward(q, k, v, mask, block):
-  qg, kb, vb, mb = _blocks(q, k, v, mask, block)
-  init = (jnp.full(qg.shape[:-1], _NEG), jnp.zeros(qg.shape[:-1]), jnp.zeros(qg.shape))
+  b, lq, h, d = q.shape
+  lk, kh = k.shape[1], k.shape[2]
+  bq, bk = _sizes(q, k, block)
+  nq, nk = -(-lq // bq), -(-lk // bk)
+  block_fn, visible = _mask_source(mask, lq, lk, bq, bk)
+  qg = _group(q / math.sqrt(d), kh, nq, bq)
+  kb, vb = _split_k(k, nk, bk), _split_k(v, nk, bk)
 
-  def step(carry, blk):
-    def visit(carry):
-      m_old, l_old, acc = carry
-      kk, vv, mm = blk
-      s = _scores(qg, kk, mm)
-      m_new = jnp.maximum(m_old, s.max(-1))
-      p = jnp.exp(s - m_new[..., None]) * mm[:, None, None]  # Exactly 0 where masked.
-      corr = jnp.exp(m_old - m_new)
-      return (m_new, l_old * corr + p.sum(-1),
-              acc * corr[..., None] + jnp.einsum('bkgqs,bskd->bkgqd', p, vv))
-    return jax.lax.cond(blk[2].any(), visit, lambda c: c, carry), None
+  def q_step(_, xs):
+    qi, qq, vis_row = xs
+    init = (jnp.full(qq.shape[:-1], _NEG), jnp.zeros(qq.shape[:-1]), jnp.zeros(qq.shape))
 
-  (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, mb))
-  seen = l > 0  # A query that sees no key returns zeros, as layers.attend does.
-  out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
-  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -_NEG)  # +max: exp(s - lse) = 0.
-  b, kh, g, lq, d = out.shape
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, kh * g, d).astype(q.dtype), (out, lse)
+    def k_step(carry, ys):
+      kj, kk, vv, vis = ys
+
+      def visit(carry):
+        m_old, l_old, acc = carry
+        mb = block_fn(qi, kj)
+        s = _scores(qq, kk, mb)
+        m_new = jnp.maximum(m_old, s.max(-1))
+        p = jnp.exp(s - m_new[..., None]) * mb[:, None, None]  # Exactly 0 where masked.
+        corr = jnp.exp(m_old - m_new)
+        return (m_new, l_old * corr + p.sum(-1),
+                acc * corr[..., None] + jnp.einsum('bkgqs,bskd->bkgqd', p, vv))
+
+      return jax.lax.cond(vis, visit, lambda c: c, carry), None
+
+    (m, l, acc), _ = jax.lax.scan(k_step, init, (jnp.arange(nk), kb, vb, vis_row))
+    seen = l > 0  # A query that sees no key returns zeros, as the dense reference does.
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -_NEG)  # exp(s - lse) = 0.
+    return None, (out, lse)
+
+  _, (out, lse) = jax.lax.scan(q_step, None, (jnp.arange(nq), qg, visible))
+  return _ungroup(out, lq).astype(q.dtype), (out, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def blocked_attend(q, k, v, mask, block: int):
-  """`layers.attend(q, k, v, mask)` computed over key blocks of `block` rows (module docstring).
+  """`attention.dense_attend(q, k, v, mask.dense())` over blocks of `block` rows (module doc).
 
-  q: [B, Lq, H, D]; k, v: [B, Lk, K, D] with H % K == 0; mask: bool broadcastable to [B, Lq, Lk]
-  (True = may attend). Softmax in float32; a fully masked query row returns zeros.
+  q: [B, Lq, H, D]; k, v: [B, Lk, K, D] with H % K == 0; mask: `attention.Spans` or bool
+  broadcastable to [B, Lq, Lk] (True = may attend). Softmax in float32; a fully masked query row
+  returns zeros.
   """
   return _forward(q, k, v, mask, block)[0]
 
@@ -97,26 +162,40 @@ def _bwd(block, res, dout):
   q, k, v, mask, out_g, lse = res
   b, lq, h, d = q.shape
   lk, kh = k.shape[1], k.shape[2]
-  qg, kb, vb, mb = _blocks(q, k, v, mask, block)
-  do = dout.astype(jnp.float32).reshape(b, lq, kh, h // kh, d).transpose(0, 2, 3, 1, 4)
-  delta = (do * out_g).sum(-1)  # [B, K, G, Lq]: the softmax backward's row term.
+  bq, bk = _sizes(q, k, block)
+  nq, nk = -(-lq // bq), -(-lk // bk)
+  block_fn, visible = _mask_source(mask, lq, lk, bq, bk)
+  qg = _group(q / math.sqrt(d), kh, nq, bq)
+  kb, vb = _split_k(k, nk, bk), _split_k(v, nk, bk)
+  do = _group(dout, kh, nq, bq)
+  delta = (do * out_g).sum(-1)  # [nq, B, K, G, bq]: the softmax backward's row term.
 
-  def step(dq, blk):
-    kk, vv, mm = blk
-    def visit(dq):
-      p = jnp.exp(_scores(qg, kk, mm) - lse[..., None]) * mm[:, None, None]
-      dv = jnp.einsum('bkgqs,bkgqd->bskd', p, do)
-      ds = p * (jnp.einsum('bkgqd,bskd->bkgqs', do, vv) - delta[..., None])
-      dk = jnp.einsum('bkgqs,bkgqd->bskd', ds, qg)
-      return dq + jnp.einsum('bkgqs,bskd->bkgqd', ds, kk), dk, dv
-    skip = lambda dq: (dq, jnp.zeros_like(kk), jnp.zeros_like(vv))
-    dq, dk, dv = jax.lax.cond(mm.any(), visit, skip, dq)
-    return dq, (dk, dv)
+  def k_step(dq, xs):
+    kj, kk, vv, vis_col = xs
 
-  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(qg), (kb, vb, mb))
-  unblock = lambda a, like: a.swapaxes(0, 1).reshape(b, -1, kh, d)[:, :lk].astype(like.dtype)
-  dq = (dq / math.sqrt(d)).transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d).astype(q.dtype)
-  return dq, unblock(dk, k), unblock(dv, v), None
+    def q_step(carry, ys):
+      qi, qq, doi, lsei, deltai, vis = ys
+
+      def visit(carry):
+        dk, dv = carry
+        mb = block_fn(qi, kj)
+        p = jnp.exp(_scores(qq, kk, mb) - lsei[..., None]) * mb[:, None, None]
+        dv = dv + jnp.einsum('bkgqs,bkgqd->bskd', p, doi)
+        ds = p * (jnp.einsum('bkgqd,bskd->bkgqs', doi, vv) - deltai[..., None])
+        dk = dk + jnp.einsum('bkgqs,bkgqd->bskd', ds, qq)
+        return (dk, dv), jnp.einsum('bkgqs,bskd->bkgqd', ds, kk)
+
+      skip = lambda carry: (carry, jnp.zeros_like(qq))
+      return jax.lax.cond(vis, visit, skip, carry)
+
+    zero = (jnp.zeros_like(kk), jnp.zeros_like(vv))
+    (dk, dv), dq_col = jax.lax.scan(q_step, zero, (jnp.arange(nq), qg, do, lse, delta, vis_col))
+    return dq + dq_col, (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(k_step, jnp.zeros_like(qg), (jnp.arange(nk), kb, vb, visible.T))
+  unsplit = lambda a, like: a.swapaxes(0, 1).reshape(b, -1, kh, d)[:, :lk].astype(like.dtype)
+  dq = (_ungroup(dq, lq) / math.sqrt(d)).astype(q.dtype)
+  return dq, unsplit(dk, k), unsplit(dv, v), None
 
 
 blocked_attend.defvjp(_fwd, _bwd)

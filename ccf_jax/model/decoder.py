@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ccf_jax.core import config_lib, sharding
+from ccf_jax.model import spans
 from ccf_jax.model.layers import DTYPES, Block, RMSNorm
 
 REMAT_POLICIES = {  # The names config_lib.REMAT_POLICIES validates.
@@ -34,7 +35,7 @@ assert tuple(REMAT_POLICIES) == config_lib.REMAT_POLICIES
 
 
 def causal_mask(length: int) -> jax.Array:
-  """bool [1, L, L], True where a query may attend."""
+  """bool [1, L, L], True where a query may attend (the dense form of `spans.causal`)."""
   i = jnp.arange(length)
   return (i[:, None] >= i[None, :])[None]
 
@@ -141,7 +142,7 @@ class Decoder(nnx.Module):
     if positions is None:
       positions = jnp.arange(length)[None]
     if mask is None:
-      mask = causal_mask(length)
+      mask = spans.causal(length)
     x, _ = self.run_layers(self.embed_tokens(tokens), positions, mask)
     return self.logits(x)
 

@@ -1,20 +1,22 @@
 """Llama-family building blocks in Flax NNX: RMSNorm, rotary embeddings, GQA attention, SwiGLU.
 
 Every parameter carries logical axis names (see sharding.py). Attention takes an explicit key/value
-prefix and a boolean mask, so that CCF can prepend per-layer memory rows (already projected and
-rotated) without touching the block. `Attention.project_kv` is public for the same reason: CCF
-projects memory latents with the decoder's own k/v weights (plus a LoRA on memory rows only).
+prefix and a mask (`attention.Spans` or boolean; model/attention.py picks the kernel), so that CCF
+can prepend per-layer memory rows (already projected and rotated) without touching the block.
+`Attention.project_kv` is public for the same reason: CCF projects memory latents with the
+decoder's own k/v weights (plus a LoRA on memory rows only).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ccf_jax.model import blocked_attention
+from ccf_jax.model import attention, spans
 from ccf_jax.core import sharding
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -70,28 +72,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return out.astype(x.dtype)
 
 
-def attend(q, k, v, mask, block: int = 0):
-  """Grouped-query softmax attention with an explicit boolean mask.
-
-  q: [B, Lq, H, D]; k, v: [B, Lk, K, D] with H % K == 0; mask: bool broadcastable to [B, Lq, Lk]
-  (True = may attend). Softmax in float32. A fully masked query row returns zeros. With `block` > 0
-  and more than `block` keys, the same function over key blocks (blocked_attention: transient
-  memory of one block of scores, not [Lq, Lk]).
-  """
-  if block and k.shape[1] > block:
-    return blocked_attention.blocked_attend(q, k, v, mask, block)
-  b, lq, h, d = q.shape
-  kh = k.shape[2]
-  qg = q.reshape(b, lq, kh, h // kh, d)
-  scores = jnp.einsum('bqkgd,bskd->bkgqs', qg, k).astype(jnp.float32) / math.sqrt(d)
-  m = jnp.broadcast_to(mask, (b, lq, k.shape[1]))[:, None, None]
-  scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  probs = jnp.where(m, probs, 0.0).astype(v.dtype)
-  out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v)
-  return out.reshape(b, lq, h, d)
-
-
 class Attention(nnx.Module):
   """GQA self-attention whose keys/values may be prefixed by externally supplied rows."""
 
@@ -103,6 +83,9 @@ class Attention(nnx.Module):
     self.wv = _param(rngs, (d, k, hd), ('embed', 'kv_heads', 'head_dim'), std, pd)
     self.wo = _param(rngs, (h, hd, d), ('heads', 'head_dim', 'embed'), std / math.sqrt(2 * cfg.num_layers), pd)
     self.dtype = DTYPES[cfg.dtype]
+    # get(): model configs exported before the fields existed.
+    self.attention_impl = cfg.get('attention_impl', 'auto')
+    self.attention_block = cfg.get('attention_block', 128)
     self.rope = (hd, float(cfg.rope_theta), tuple(sorted(dict(cfg.rope_scaling).items())))
 
   @property
@@ -129,7 +112,7 @@ class Attention(nnx.Module):
     return k, v
 
   def __call__(self, h, positions, mask, kv_prefix=None, q_delta=None, v_delta=None,
-               memory_gate=None, memory_rows=None, attention_block=0):
+               memory_gate=None, memory_rows=None):
     """h: normed input [B, L, d]; kv_prefix: optional (k, v) rows [B, M, K, D] placed before h's.
 
     memory_gate: optional [heads] weights (CCF's `ccf.memory_gate='tanh'`): the first
@@ -137,7 +120,8 @@ class Attention(nnx.Module):
     added to the rest's as `memory_gate * read`, instead of sharing one softmax with them. A zero
     gate is exactly attention without those rows. The mask's last axis then spans every key row
     (memory, prefix and h's), as the CCF decoder's and the inference cache's masks do.
-    attention_block: key rows per block of `attend` (0: dense).
+    mask: `attention.Spans` or bool [B|1, L, keys]; every attention goes through
+    `attention.attend` with `model.attention_impl` and `model.attention_block`.
     """
     q = jnp.einsum('bld,dhk->blhk', h, self._w(self.wq))
     if q_delta is not None:
@@ -147,12 +131,15 @@ class Attention(nnx.Module):
     if kv_prefix is not None:
       k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
       v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
+    attend = functools.partial(attention.attend, impl=self.attention_impl,
+                               block=self.attention_block)
     if memory_gate is None:
-      out = attend(q, k, v, mask, attention_block)
+      out = attend(q, k, v, mask)
     else:
       m = kv_prefix[0].shape[1] if memory_rows is None else memory_rows
-      read = attend(q, k[:, :m], v[:, :m], mask[..., :m], attention_block)
-      out = attend(q, k[:, m:], v[:, m:], mask[..., m:], attention_block)
+      lk = k.shape[1]
+      read = attend(q, k[:, :m], v[:, :m], spans.key_range(mask, 0, m, lk))
+      out = attend(q, k[:, m:], v[:, m:], spans.key_range(mask, m, lk, lk))
       out = out + read * memory_gate.astype(read.dtype)[:, None]
     out = jnp.einsum('blhk,hkd->bld', out, self._w(self.wo))
     return sharding.constrain(out, ('batch', 'length', 'embed'))
@@ -190,11 +177,10 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x, positions, mask, kv_prefix=None, q_delta_fn=None, v_delta_fn=None,
-               memory_gate=None, memory_rows=None, attention_block=0):
+               memory_gate=None, memory_rows=None):
     h = self.attn_norm(x)
     qd = None if q_delta_fn is None else q_delta_fn(h)
     vd = None if v_delta_fn is None else v_delta_fn(h)
-    x = x + self.attn(h, positions, mask, kv_prefix, qd, vd, memory_gate, memory_rows,
-                      attention_block)
+    x = x + self.attn(h, positions, mask, kv_prefix, qd, vd, memory_gate, memory_rows)
     x = x + self.mlp(self.mlp_norm(x))
     return x, h

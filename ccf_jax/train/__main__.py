@@ -8,6 +8,9 @@ launch/local_multiprocess.sh) are passed explicitly here.
 
 In a distributed run a failing process exits at once (os._exit) instead of waiting up to 300 s in
 JAX's shutdown barrier, so the launcher sees the failure and stops the others.
+
+Exit codes (`train/faults.py`): 0 finished, 1 input error, 3 diverged, 73 workdir locked by another
+run, 74 storage fault, 75 stopped by SIGTERM after a checkpoint (resumable: rerun the command).
 """
 
 import json
@@ -18,10 +21,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ccf_jax.core import config_lib
+from ccf_jax.train import faults
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
+_ALLOW_FRESH_START = flags.DEFINE_bool(
+    'allow_fresh_start', False, 'When every checkpoint in --workdir is corrupt, train from step 0 '
+    'anyway (otherwise an error names them).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -37,13 +44,10 @@ def main(argv):
   logging.info('process %d/%d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
-    summary = trainer.train_and_evaluate(config, _WORKDIR.value)
-  except trainer.USER_ERRORS as e:  # Bad input: one clear line, no traceback.
-    logging.error('%s: %s', type(e).__name__, e)
-    if config.mesh.distributed:
-      print(f'error ({type(e).__name__}): {e}', file=sys.stderr, flush=True)
-      os._exit(1)
-    sys.exit(f'error ({type(e).__name__}): {e}')
+    with faults.one_line_errors('train', trainer.USER_ERRORS, hard=config.mesh.distributed):
+      summary = trainer.train_and_evaluate(config, _WORKDIR.value, _ALLOW_FRESH_START.value)
+  except SystemExit:
+    raise
   except BaseException:
     if config.mesh.distributed:
       logging.exception('process %d failed', jax.process_index())
@@ -55,6 +59,8 @@ def main(argv):
     with open(os.path.join(_WORKDIR.value, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2, default=str)
     print('summary:', json.dumps(summary, default=str), flush=True)
+  if summary.get('preempted'):
+    sys.exit(faults.EXIT_PREEMPTED)
 
 
 if __name__ == '__main__':

@@ -71,9 +71,42 @@ class MetricWriter:
         parts.append(f'ETA {_fmt_duration(min(remaining))}')
     return ' | '.join(parts)
 
-  def close(self):
-    if self._tb is not None:
-      self._tb.close()
-      self._jsonl.close()
-      self._tb = None
+  def drop_rows_after(self, step: int):
+    """Removes the metrics.jsonl rows of steps after `step`: a resumed run re-runs the steps a
+    killed run logged past its last checkpoint, and each step keeps one row per split."""
+    if not self.enabled:
+      return
+    path = self._jsonl.name
+    self._jsonl.close()
+    with open(path, encoding='utf-8') as f:
+      lines = f.readlines()
+    keep = []
+    for line in lines:
+      try:
+        if int(json.loads(line)['step']) > step:
+          continue
+      except (ValueError, KeyError, TypeError):
+        continue  # A line cut short by a kill.
+      keep.append(line)
+    if len(keep) != len(lines):
+      logging.info('metrics.jsonl: dropped %d row(s) past the restored step %d.',
+                   len(lines) - len(keep), step)
+      tmp = path + '.tmp'
+      with open(tmp, 'w', encoding='utf-8') as f:
+        f.writelines(keep)
+      os.replace(tmp, path)
+    self._jsonl = open(path, 'a', encoding='utf-8')
+
+  def close(self, quiet: bool = False):
+    """`quiet` (while another error propagates, e.g. a full disk) logs a failing flush instead
+    of raising it over that error."""
+    try:
+      if self._tb is not None:
+        tb, self._tb = self._tb, None
+        tb.close()
+        self._jsonl.close()
+    except OSError as e:
+      if not quiet:
+        raise
+      logging.warning('closing the metric writers after an error: %s', e)
     logging.flush() if hasattr(logging, 'flush') else None

@@ -7,8 +7,9 @@ is jitted with these as explicit in/out shardings and donates the state.
 
 Gradient accumulation sums per-token losses and gradients over micro-batches (a `lax.scan`) and
 divides once by the total number of target tokens, so a micro-batch with more padding weighs less
-(the same estimate as one big batch). A non-finite loss or gradient leaves params and optimizer
-state untouched and increments `nonfinite_count`; the loop decides whether to stop (train.nonfinite).
+(the same estimate as one big batch). A non-finite loss, gradient or updated parameter leaves params
+and optimizer state untouched and increments `nonfinite_count`; the loop decides whether to stop
+(train.nonfinite).
 """
 
 from __future__ import annotations
@@ -135,9 +136,11 @@ def make_train_step(cfg, tx):
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda x: x / denom, g)
     loss = loss_sum / denom
-    finite = jnp.isfinite(loss) & _all_finite(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    # Finite loss and gradients can still give non-finite parameters (an infinite or huge
+    # learning rate): the updated parameters are checked too, so such a state is never kept.
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
         step=state.step + 1,

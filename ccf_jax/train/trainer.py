@@ -8,6 +8,11 @@
 
 Everything a test needs is importable: `train_and_evaluate(config, workdir)` returns a summary dict.
 Only process 0 writes metrics; every process loads its own slice of the data.
+
+Before anything is written the workdir and its checkpoint directory are checked writable and
+process 0 takes the workdir lock (`faults.WorkdirLock`); the validation split the final evaluation
+reads is built before the first step. A storage fault anywhere becomes `faults.StorageError` (one
+line: the path, the bytes needed against the bytes free).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import math
 import os
 import resource
 import signal
+import sys
 import time
 
 import jax
@@ -25,6 +31,7 @@ from absl import logging
 
 from ccf_jax import registry as arch_lib
 from ccf_jax.core import config_lib
+from ccf_jax.train import faults
 from ccf_jax.train import metrics as metrics_lib
 from ccf_jax.train import optim
 from ccf_jax.core import sharding
@@ -35,12 +42,16 @@ from ccf_jax.model import decoder as model_lib
 
 
 class NonFiniteError(FloatingPointError):
-  """Raised when train.nonfinite='stop' and a step produced a non-finite loss or gradient."""
+  """Raised when train.nonfinite='stop' and a step produced a non-finite loss, gradient or update
+  (the run diverged; the entry point exits with `faults.EXIT_DIVERGED`)."""
+  exit_code = faults.EXIT_DIVERGED
 
 
-# Errors caused by the user's input: entry points print them as one line (no traceback).
+# Errors caused by the user's input or the machine: entry points print them as one line (no
+# traceback) and exit with their `faults.exit_code_for` code.
 USER_ERRORS = (config_lib.ConfigError, sharding.MeshError, data_lib.DataError,
-               ckpt_lib.CheckpointError, NonFiniteError)
+               ckpt_lib.CheckpointError, NonFiniteError, faults.StorageError,
+               faults.WorkdirLockedError)
 
 
 def peak_rss_gb() -> float:
@@ -89,7 +100,7 @@ def initial_params(cfg, arch):
     params, _, _ = export_lib.load_export(cfg.init.params_only)
     return _adapt_params(cfg, arch, params, f'init.params_only={cfg.init.params_only}')
   if cfg.init.from_hf:
-    from ccf_jax.interop import hf as convert
+    from ccf_jax.interop import hf_weights as convert
     params = convert.load_hf_params(cfg.init.from_hf, cfg.model)
     return _adapt_params(cfg, arch, params, f'init.from_hf={cfg.init.from_hf}')
   return None
@@ -107,12 +118,59 @@ def _adapt_params(cfg, arch, params, source):
   return params
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains per `config`, checkpointing into `workdir`; returns a summary of the run."""
+def train_and_evaluate(config, workdir: str, allow_fresh_start: bool = False) -> dict:
+  """Trains per `config`, checkpointing into `workdir`; returns a summary of the run.
+
+  `allow_fresh_start`: when every checkpoint in the workdir is corrupt, train from step 0 anyway
+  (otherwise that is a CorruptCheckpointError naming them)."""
+  config_lib.validate(config, jax.device_count())
+  faults.check_writable(workdir)
+  # A URL workdir (gs://...) has no flock: only local and network-mounted file systems lock.
+  take_lock = jax.process_index() == 0 and faults.is_local(workdir)
+  lock = faults.WorkdirLock(workdir).acquire() if take_lock else None
+  run = {}
+  try:
+    faults.check_writable(os.path.join(workdir, ckpt_lib.CHECKPOINTS_SUBDIR))
+    return _train(config, workdir, allow_fresh_start, run)
+  except Exception as e:  # pylint: disable=broad-except
+    code = faults.storage_errno(e)
+    if code is None or isinstance(e, USER_ERRORS):  # Those already name their path and fix.
+      raise
+    path = _failed_path(e) or os.path.join(workdir, ckpt_lib.CHECKPOINTS_SUBDIR)
+    raise faults.StorageError(code, faults.describe_storage_fault(
+        e, path, run.get('state_bytes'))) from e
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _failed_path(e: BaseException):
+  """The file name of the first OSError in `e`'s chain that has one."""
+  while e is not None:
+    if isinstance(e, OSError) and e.filename:
+      return str(e.filename)
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def check_eval_split(config, tokenizer, pidx: int, pcount: int):
+  """Builds the validation pipeline the final evaluation reads, so that a corpus without one
+  fails before the first step rather than after the last."""
+  if config.train.eval_batches <= 0:
+    return
+  try:
+    data_lib.make_pipeline(config, 'validation', pidx, pcount, tok=tokenizer)
+  except data_lib.DataError as e:
+    raise data_lib.DataError(
+        f'the run evaluates on the validation split (train.eval_batches='
+        f'{config.train.eval_batches}), which cannot be built: {e} (Or skip evaluation: '
+        '--config.train.eval_batches=0.)') from None
+
+
+def _train(config, workdir, allow_fresh_start, run) -> dict:
   clock = _Clock()
   t = time.time()
   pidx, pcount = jax.process_index(), jax.process_count()
-  config_lib.validate(config, jax.device_count())
   is_main = pidx == 0
   mesh = sharding.make_mesh(config.mesh)
   arch = arch_lib.get_arch(config)
@@ -122,6 +180,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f'the tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but '
         f'model.vocab_size={config.model.vocab_size}. Fix: --config.model.vocab_size={tokenizer.vocab_size}.')
   train_iter = data_lib.make_train_iter(config, 'train', pidx, pcount)
+  check_eval_split(config, tokenizer, pidx, pcount)
   clock.mark('data_and_tokenizer', t)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, total_steps=config.train.steps,
@@ -142,9 +201,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         fn = ts.init_state_fn(config, tx, None if params is None else (lambda: params))
         return jax.jit(fn, out_shardings=state_sh)()
 
-      state, _, info = ckpt.restore_or_init(abstract, init_fn, train_iter)
+      state, _, info = ckpt.restore_or_init(abstract, init_fn, train_iter, allow_fresh_start)
       step = int(jax.device_get(state.step))  # init.from_checkpoint continues its step count.
       logging.info('init: %s (step %d)', info, step)
+      run['state_bytes'] = sum(int(x.nbytes) for x in jax.tree.leaves(state))
+      writer.drop_rows_after(step)  # Rows a killed run logged past its last checkpoint.
       n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
       n_frozen = sum(int(x.size) for x in jax.tree.leaves(state.frozen))
       if is_main:
@@ -166,8 +227,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       return summary
   finally:
     preempt.restore()
-    ckpt.close()
-    writer.close()
+    failing = sys.exc_info()[0] is not None  # Never hide that error behind a pending save's.
+    ckpt.close(quiet=failing)
+    writer.close(quiet=failing)
 
 
 class _Loop:
@@ -210,9 +272,11 @@ class _Loop:
     self.ckpt.wait()
     self.clock.mark('final_checkpoint', t)
     t = time.time()
-    self.summary['eval'] = self.evaluate(step, state)
+    # After SIGTERM the grace period before SIGKILL is short: save and go, evaluate on resume.
+    self.summary['eval'] = {} if self.preempt.requested else self.evaluate(step, state)
     self.clock.mark('final_eval', t)
-    self.summary.update(final_step=step, stop_reason=self.stop_reason or 'steps')
+    self.summary.update(final_step=step, stop_reason=self.stop_reason or 'steps',
+                        preempted=self.preempt.requested)
     return state
 
   # ------------------------------------------------------------------------------- intentions
@@ -235,12 +299,12 @@ class _Loop:
     w['tokens'] += step_tokens
     w['loss'] += float(m['loss'])
     if m['finite'] < 1:
-      msg = (f'step {step}: non-finite loss or gradient (loss={float(m["loss"])}); the update was '
-             'skipped, params are unchanged.')
+      msg = (f'step {step}: non-finite loss, gradient or update (loss={float(m["loss"])}); the '
+             'update was skipped, params are unchanged.')
       if self.c.train.nonfinite == 'stop':
-        raise NonFiniteError(msg + ' Stopping (train.nonfinite=stop); no checkpoint of this step '
-                             'was written. Fix: lower train.lr, check the data, or set '
-                             'train.nonfinite=skip.')
+        raise NonFiniteError(msg + ' Stopping (train.nonfinite=stop): the run diverged; no '
+                             'non-finite state was saved and the earlier checkpoints are kept. '
+                             'Fix: lower train.lr, check the data, or set train.nonfinite=skip.')
       logging.warning(msg)
     if step % self.c.train.log_every and step != self.c.train.steps:
       return
@@ -267,6 +331,8 @@ class _Loop:
     return state
 
   def evaluate(self, step, state) -> dict:
+    if self.c.train.eval_batches <= 0:
+      return {}
     it = data_lib.make_train_iter(self.c, 'validation', jax.process_index(), jax.process_count())
     loss_sum, tokens, correct = 0.0, 0.0, 0.0
     for i, batch in enumerate(it):

@@ -1,0 +1,296 @@
+"""`python -m ccf_jax.bench peer --config=experiments/tiny.py [--peer_shapes=S1,S2,S3,CCF8x]
+[--peer_rounds=2] [--steps=N]`: ccf_jax's train step against PyTorch + transformers on the same
+Llama shapes.
+
+Why: a tokens/s figure of ccf_jax alone says nothing about whether the step is slow for the
+machine; the same model trained by a mainstream stack in the same run does. The peer is
+transformers' `LlamaForCausalLM` (attn_implementation='sdpa': its fused causal attention) with
+torch.optim.AdamW and clip_grad_norm_, in float32, on random tokens: the same model, loss and
+update as ccf_jax's plain decoder (ccf_jax's learning-rate schedule is a scalar per step, left out
+of the peer). torch and transformers are optional (requirements-peer.txt, never a dependency of
+the library or the tests): without them the ccf_jax rows are printed and the peer is reported
+skipped.
+
+How: each (shape, system) runs in its own subprocess, so that the peak RSS (`ru_maxrss` of that
+child, from os.wait4) is one system's alone and neither inherits the other's allocator or thread
+pools. ccf_jax's child is the real jitted train step (`train/timing.py` TrainTimer: state donated,
+AdamW with clipping as the config sets it). Both children take one warm-up step and then time one
+block of `--steps` steps. Rounds alternate the order of the systems (ccf_jax first in even rounds,
+torch first in odd ones), so a change in the load of a shared machine lands on both; step_s is the
+fastest block over rounds (`timeit`'s rule: other load only ever adds time), and the summary also
+gives the median over rounds of the per-round ratio. cpu_s is the child's CPU seconds (all its
+threads) per timed step: the work a step costs, which on a machine shared with other jobs moves
+less than wall time does (threads that spin while waiting for a core count in it too). One FLOP
+formula serves both systems (`core/flops.py` decoder_train_flops); the CCF rows use their arch's
+own count and have no peer.
+
+Shapes (on top of --config; `config` is --config itself with its --config.* overrides, which is
+how a test times a shrunk model):
+  S1      d 128, 4 layers, 4 heads, mlp 512, vocab 2048, seq 512, batch 8
+  S2      d 512, 8 layers, 8 heads, mlp 1408, vocab 8192, seq 1024, batch 4
+  S3      SmolLM2-135M: d 576, 30 layers, 9 heads / 3 kv heads, head_dim 64, mlp 1536,
+          vocab 49152, tied embeddings; seq 512, batch 2
+  CCF8x   experiments/tiny_ccf.py's train step (8 segments of 128 tokens, 8x), ccf_jax only
+  CCF8x_4k  the same with 32 segments: a 4,096-token window, ccf_jax only
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import ml_collections
+from absl import flags
+
+from ccf_jax.bench import steps_flag
+from ccf_jax.core import flops as flops_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SYSTEMS = ('ccf_jax', 'torch')
+SKIP_HINT = 'pip install -r requirements-peer.txt'
+
+SHAPES = {  # name -> {'model': overrides, 'data': overrides}, applied on top of --config.
+    'S1': dict(model=dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
+                          mlp_dim=512, vocab_size=2048, tie_embeddings=False),
+               data=dict(seq_len=512, batch_size=8)),
+    'S2': dict(model=dict(d_model=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64,
+                          mlp_dim=1408, vocab_size=8192, tie_embeddings=False),
+               data=dict(seq_len=1024, batch_size=4)),
+    'S3': dict(model=dict(d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                          mlp_dim=1536, vocab_size=49152, tie_embeddings=True,
+                          rope_theta=100000.0), data=dict(seq_len=512, batch_size=2)),
+}
+CCF_SHAPES = {'CCF8x': {}, 'CCF8x_4k': dict(ccf=dict(num_segments=32))}  # On tiny_ccf.py.
+SHAPE_NAMES = (*SHAPES, *CCF_SHAPES, 'config')
+
+_SHAPES = flags.DEFINE_list('peer_shapes', 'S1,S2,S3,CCF8x', f'bench peer: shapes to time, of '
+                            f'{list(SHAPE_NAMES)} ("config": --config as given).')
+_ROUNDS = flags.DEFINE_integer('peer_rounds', 2, 'bench peer: alternating rounds (one subprocess '
+                               'per system and shape each); step_s is the fastest.', lower_bound=1)
+_SYSTEMS = flags.DEFINE_list('peer_systems', ','.join(SYSTEMS), f'bench peer: of {list(SYSTEMS)}.')
+for _flag, _names in ((_SHAPES, SHAPE_NAMES), (_SYSTEMS, SYSTEMS)):
+  flags.register_validator(_flag, lambda v, names=_names: bool(v) and set(v) <= set(names),
+                           f'--{_flag.name} takes a non-empty list of {list(_names)}.')
+
+
+def shape_config(base, shape: str) -> ml_collections.ConfigDict:
+  """The config of `shape`, an unlocked copy: SHAPES' overrides on `base`, tiny_ccf.py's config
+  (plus CCF_SHAPES' overrides) for the CCF shapes, `base` as it is for 'config'."""
+  if shape in CCF_SHAPES:
+    from experiments import tiny_ccf
+    cfg, overrides = tiny_ccf.get_config(), CCF_SHAPES[shape]
+  elif shape in SHAPES or shape == 'config':
+    cfg, overrides = ml_collections.ConfigDict(base.to_dict()), SHAPES.get(shape, {})
+  else:
+    raise ValueError(f'unknown peer shape {shape!r}; choose from {list(SHAPE_NAMES)}.')
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  for section, fields in overrides.items():
+    for k, v in fields.items():
+      cfg[section][k] = v
+  if shape in SHAPES:
+    cfg.model.max_position = max(cfg.model.max_position, cfg.data.seq_len)
+    cfg.name = f'peer_{shape}'
+  cfg.model.dtype = cfg.model.param_dtype = 'float32'
+  return cfg
+
+
+def peer_available() -> bool:
+  """Whether torch and transformers are importable (checked without importing them here)."""
+  return all(importlib.util.find_spec(m) is not None for m in ('torch', 'transformers'))
+
+
+def train_flops(cfg) -> tuple[float, str]:
+  """(FLOPs of one step, the formula's name): decoder_train_flops for decoder shapes (both
+  systems), the arch's own count for CCF."""
+  from ccf_jax.core import config_lib
+  b, length = cfg.data.batch_size, config_lib.window_len(cfg)
+  if cfg.model.arch == 'decoder':
+    return flops_lib.decoder_train_flops(cfg, b, length), 'decoder_train_flops'
+  from ccf_jax import registry
+  return registry.get_arch(cfg).train_flops(cfg, b), f'{cfg.model.arch}.train_flops'
+
+
+# ---------------------------------------------------------------- children (one system each)
+
+
+def _child_ccf_jax(cfg, steps: int) -> dict:
+  import jax
+  from ccf_jax.train import timing
+  timer = timing.TrainTimer(cfg)  # Compiles and takes the warm-up step.
+  c0 = time.process_time()
+  block = timer.block(steps)
+  cpu = (time.process_time() - c0) / steps
+  rec = timer.record(block)
+  return {'block_s': block, 'cpu_s': cpu, 'params': timer.params, 'compile_s': rec['compile_s'],
+          'temp_bytes': rec.get('temp_bytes'), 'version': f'jax {jax.__version__}'}
+
+
+def _child_torch(cfg, steps: int) -> dict:
+  import torch
+  import transformers
+  from transformers import LlamaConfig, LlamaForCausalLM
+  m, t = cfg.model, cfg.train
+  torch.manual_seed(0)
+  llama = LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.mlp_dim,
+      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+      num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim, hidden_act='silu',
+      max_position_embeddings=max(m.max_position, cfg.data.seq_len), rms_norm_eps=m.norm_eps,
+      rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std,
+      use_cache=False, attn_implementation='sdpa')
+  t0 = time.time()
+  model = LlamaForCausalLM(llama).to(torch.float32).train()
+  params = list(model.parameters())
+  decay = [p for p in params if p.ndim >= 2]  # As ccf_jax's decay mask: no decay on norm scales.
+  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': t.weight_decay},
+                           {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0}],
+                          lr=t.lr, betas=(t.b1, t.b2), eps=t.eps)
+  gen = torch.Generator().manual_seed(0)
+  tokens = torch.randint(0, m.vocab_size, (cfg.data.batch_size, cfg.data.seq_len), generator=gen)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+    loss.backward()
+    if t.clip_norm > 0:
+      torch.nn.utils.clip_grad_norm_(params, t.clip_norm)
+    opt.step()
+    return loss
+
+  step().item()  # Warm-up.
+  setup_s = time.time() - t0
+  t0, c0 = time.time(), time.process_time()
+  for _ in range(steps):
+    loss = step()
+  loss.item()
+  block, cpu = (time.time() - t0) / steps, (time.process_time() - c0) / steps
+  return {'block_s': block, 'cpu_s': cpu, 'params': sum(p.numel() for p in params),
+          'compile_s': round(setup_s, 2), 'threads': torch.get_num_threads(),
+          'version': f'torch {torch.__version__}, transformers {transformers.__version__}'}
+
+
+def child_main(spec_path: str, out_path: str) -> None:
+  """Entry point of a child process: runs one system on one shape, writes its JSON result."""
+  with open(spec_path, 'rb') as f:
+    spec = pickle.load(f)
+  cfg = ml_collections.ConfigDict(spec['config'])
+  fn = {'ccf_jax': _child_ccf_jax, 'torch': _child_torch}[spec['system']]
+  res = fn(cfg, spec['steps'])
+  with open(out_path, 'w') as f:
+    json.dump(res, f)
+
+
+def run_child(system: str, cfg, steps: int, env: dict | None = None) -> dict:
+  """Runs `system` on `cfg` in a fresh subprocess; its result plus `peak_rss_gb`, the child's own
+  ru_maxrss (os.wait4 reports the rusage of that one process), or {'error': ...}."""
+  with tempfile.TemporaryDirectory(prefix='ccf_peer_') as d:
+    spec, out, log = (os.path.join(d, n) for n in ('spec.pkl', 'out.json', 'log.txt'))
+    with open(spec, 'wb') as f:
+      pickle.dump({'system': system, 'config': cfg.to_dict(), 'steps': steps}, f)
+    code = 'import sys; from ccf_jax.bench import peer; peer.child_main(sys.argv[1], sys.argv[2])'
+    with open(log, 'w') as logf:
+      p = subprocess.Popen([sys.executable, '-c', code, spec, out], cwd=ROOT, stdout=logf,
+                           stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+      _, status, usage = os.wait4(p.pid, 0)
+      p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0 or not os.path.exists(out):
+      with open(log) as f:
+        return {'error': f'exit {p.returncode}: ' + ' | '.join(f.read().splitlines()[-5:])}
+    with open(out) as f:
+      res = json.load(f)
+  res['peak_rss_gb'] = round(usage.ru_maxrss / 1e6, 3)  # Linux reports KiB (as trainer.py's).
+  return res
+
+
+# ---------------------------------------------------------------- rows
+
+
+def system_row(shape: str, system: str, cfg, runs: list) -> dict:
+  """One (shape, system) row from its per-round child results."""
+  from ccf_jax.core import config_lib
+  length = config_lib.window_len(cfg)
+  row = {'bench': 'peer', 'shape': shape, 'system': system, 'arch': cfg.model.arch,
+         'batch': cfg.data.batch_size, 'length': length}
+  errors = [r['error'] for r in runs if 'error' in r]
+  ok = [r for r in runs if 'error' not in r]
+  if not ok:
+    return {**row, 'error': errors[-1] if errors else 'not run'}
+  step_s = min(r['block_s'] for r in ok)
+  fl, formula = train_flops(cfg)
+  row.update(
+      params=ok[0]['params'], step_s=round(step_s, 5),
+      tokens_per_s=round(cfg.data.batch_size * length / step_s, 1),
+      model_gflops_per_s=round(fl / step_s / 1e9, 2), flops=fl, flops_formula=formula,
+      cpu_s=round(min(r['cpu_s'] for r in ok), 5),
+      peak_rss_gb=max(r['peak_rss_gb'] for r in ok),
+      block_s=[round(r['block_s'], 5) if 'error' not in r else None for r in runs],
+      setup_s=max(r['compile_s'] for r in ok), version=ok[0]['version'])
+  if errors:
+    row['errors'] = errors
+  return row
+
+
+def summary_row(shape: str, rows: dict) -> dict:
+  """The per-shape line: each system's tokens/s and peak RSS, and ccf_jax / torch (tokens/s of
+  the fastest blocks, and the median over rounds of the per-round ratio)."""
+  out = {'bench': 'peer_summary', 'shape': shape}
+  for name, r in rows.items():
+    keys = [k for k in ('skipped', 'error') if k in r] or [
+        'tokens_per_s', 'step_s', 'model_gflops_per_s', 'peak_rss_gb', 'cpu_s']
+    out[name] = {k: r[k] for k in keys}
+  jx, pt = rows.get('ccf_jax', {}), rows.get('torch', {})
+  if 'step_s' in jx and 'step_s' in pt:
+    out['ratio_tokens_per_s'] = round(pt['step_s'] / jx['step_s'], 3)
+    paired = [b / a for a, b in zip(jx['block_s'], pt['block_s']) if a and b]
+    out['ratio_paired_median'] = round(statistics.median(paired), 3) if paired else None
+    out['ratio_peak_rss'] = round(jx['peak_rss_gb'] / pt['peak_rss_gb'], 3)
+    out['ratio_cpu_s'] = round(pt['cpu_s'] / jx['cpu_s'], 3)
+  elif shape in CCF_SHAPES:
+    out['peer'] = 'none: CCF has no torch counterpart'
+  else:
+    out['peer'] = pt.get('skipped') or pt.get('error') or 'not run'
+  return out
+
+
+def bench_peer(config) -> list:
+  """`bench peer`: rows per (shape, system), then one summary per shape (see the module doc)."""
+  shapes = list(_SHAPES.value)
+  systems = [s for s in SYSTEMS if s in _SYSTEMS.value]
+  steps, rounds = steps_flag(), _ROUNDS.value
+  skipped = None
+  if 'torch' in systems and not peer_available():
+    skipped = f'torch and transformers are not importable, peer skipped: {SKIP_HINT}'
+    print(f'bench peer: {skipped}', file=sys.stderr, flush=True)
+  cfgs = {s: shape_config(config, s) for s in shapes}
+  runs = {(s, y): [] for s in shapes for y in systems}
+  for rnd in range(rounds):
+    for s in shapes:
+      order = systems if rnd % 2 == 0 else systems[::-1]
+      for y in order:
+        if (y == 'torch' and (skipped or cfgs[s].model.arch != 'decoder')):
+          continue
+        res = run_child(y, cfgs[s], steps)
+        runs[s, y].append(res)
+        print(f'bench peer: round {rnd} {s} {y}: ' + (res.get('error') or
+              f"{res['block_s']:.4f} s/step, peak RSS {res['peak_rss_gb']} GB"),
+              file=sys.stderr, flush=True)
+  out, summaries = [], []
+  for s in shapes:
+    rows = {}
+    for y in systems:
+      if y == 'torch' and cfgs[s].model.arch != 'decoder':
+        continue
+      if y == 'torch' and skipped:
+        rows[y] = {'bench': 'peer', 'shape': s, 'system': y, 'skipped': skipped}
+      else:
+        rows[y] = system_row(s, y, cfgs[s], runs[s, y])
+      out.append(rows[y])
+    summaries.append(summary_row(s, rows))
+  return out + summaries

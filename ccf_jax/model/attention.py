@@ -1,0 +1,131 @@
+"""Attention masks as compact descriptors, and the one dispatcher every attention goes through.
+
+Every mask the models use is a union of a few key-index ranges per query, intersected with a
+per-key validity flag:
+  * causal (plain decoder): query i sees keys [0, i + 1);
+  * CCF encoder over [segment ; memory]: token i sees [0, i + 1); memory slot j sees [0, cover_j)
+    (the tokens it summarises) and [l + j, l + j + 1) (itself): two ranges;
+  * CCF decoder over [memory rows ; tokens] and the inference cache over [memory ; raw ; new]:
+    query i sees [0, P + i + 1) with P the prefix rows, and a prefix row only where it is visible
+    to the query's segment (its segment in [lo, hi), a real row at this ratio, a written cache
+    slot): per-key flags, shared by every query of a batch row.
+`Spans` (model/spans.py) holds exactly that: lo/hi int32[B|1, Lq, R] and key_ok bool[B|1, Lk] or
+None. It costs O(Lq * R + Lk) memory where a boolean mask costs O(Lq * Lk), so the blocked and
+splash kernels can compute each block's mask from it (and know which blocks no query may see)
+without a [B, Lq, Lk] array ever existing. `Spans.dense()` is the boolean form, the reference in tests.
+A plain boolean mask (e.g. from a caller that builds its own) is still accepted everywhere.
+
+`attend(q, k, v, mask, impl, block)` is the single entry point (`model.attention_impl`):
+  xla      jax.nn.dot_product_attention(implementation='xla') on the dense mask;
+  blocked  blocked_attention.py: online softmax over query x key blocks, per-block masks, skipped
+           blocks, a recomputing backward (never [B, heads, Lq, Lk]);
+  cudnn    jax.nn.dot_product_attention(implementation='cudnn'), bf16/fp16 on NVIDIA GPUs;
+  splash   splash.py: Pallas TPU splash attention (interpret mode off TPU, for tests);
+  auto     `resolve`: per platform, with one warning line whenever it leaves the preferred one.
+`CALLS` counts, at trace time, which implementation each traced attention used: tests read it to
+prove the configured one is the one that runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+
+from ccf_jax.core.config_lib import ATTENTION_IMPLS as IMPLS, ConfigError
+from ccf_jax.model import blocked_attention, splash
+from ccf_jax.model.spans import Spans, as_dense
+
+CALLS: collections.Counter = collections.Counter()  # impl -> attentions traced with it.
+
+
+# ------------------------------------------------------------------------------------------------
+# Implementations.
+
+
+def dense_attend(q, k, v, mask):
+  """The reference: grouped-query softmax attention with a boolean mask (float32 softmax; a fully
+  masked query row returns zeros). q: [B, Lq, H, D]; k, v: [B, Lk, K, D]; mask broadcastable to
+  [B, Lq, Lk] (True = may attend)."""
+  b, lq, h, d = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, lq, kh, h // kh, d)
+  scores = jnp.einsum('bqkgd,bskd->bkgqs', qg, k).astype(jnp.float32) / math.sqrt(d)
+  m = jnp.asarray(mask)[:, None, None]
+  scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = jnp.where(m, probs, 0.0).astype(v.dtype)
+  out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v)
+  return out.reshape(b, lq, h, d)
+
+
+def dpa_attend(q, k, v, mask, implementation: str):
+  """jax.nn.dot_product_attention with the mask as that API takes it: boolean [B|1, 1, Lq, Lk]
+  (a 3-D mask would be read as [1, B, Lq, Lk], the batch as heads). Its fully masked rows return
+  mean(V) (masked logits are finite), so they are zeroed to match `dense_attend`. The square
+  causal mask goes as is_causal (cuDNN's native causal mode, no dense bias)."""
+  if isinstance(mask, Spans) and mask.causal and q.shape[1] == k.shape[1]:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+  m = as_dense(mask, k.shape[1])
+  out = jax.nn.dot_product_attention(q, k, v, mask=m[:, None], implementation=implementation)
+  return out * m.any(-1)[:, :, None, None].astype(out.dtype)
+
+
+_warned: set = set()
+
+
+def _warn_once(msg: str):
+  if msg not in _warned:
+    _warned.add(msg)
+    logging.warning('%s', msg)
+
+
+def cpu_choice(q, k) -> str:
+  """`auto` on CPU: blocked once the score rectangle reaches 512 x 512, where skipping masked
+  blocks and never materialising the scores beat the dense product in the train step (`bench
+  train` of a causal decoder at 512 and 1,024 tokens); below it (the tiny CCF model's 144-row
+  encoder and 128 x 256 decoder) the dense product's fewer, larger matmuls were faster."""
+  return 'blocked' if q.shape[1] * k.shape[1] >= 512 * 512 else 'xla'
+
+
+def resolve(impl: str, q, k) -> str:
+  """The implementation `impl` runs as on this platform; `auto` picks (module doc) and logs one
+  warning line when it cannot take the platform's preferred kernel."""
+  if impl != 'auto':
+    return impl
+  platform = jax.default_backend()
+  if platform == 'gpu':
+    if q.dtype in (jnp.bfloat16, jnp.float16):
+      return 'cudnn'
+    _warn_once(f'model.attention_impl=auto: cudnn needs bf16/fp16 ({q.dtype} here); using xla.')
+    return 'xla'
+  if platform == 'tpu':
+    return 'splash'
+  if platform != 'cpu':
+    _warn_once(f'model.attention_impl=auto: no preferred kernel on {platform!r}; using xla.')
+    return 'xla'
+  return cpu_choice(q, k)
+
+
+def attend(q, k, v, mask, impl: str = 'xla', block: int = 128):
+  """Grouped-query softmax attention, q: [B, Lq, H, D]; k, v: [B, Lk, K, D] with H % K == 0;
+  mask: `Spans` or bool broadcastable to [B, Lq, Lk] (True = may attend). Softmax in float32; a
+  fully masked query row returns zeros, in every implementation. `block`: query/key rows per
+  block of the blocked and splash kernels."""
+  impl = resolve(impl, q, k)
+  CALLS[impl] += 1
+  if impl == 'xla':
+    return dpa_attend(q, k, v, mask, 'xla')
+  if impl == 'blocked':
+    return blocked_attention.blocked_attend(q, k, v, mask, block)
+  if impl == 'cudnn':
+    if jax.default_backend() != 'gpu':
+      raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU (backend is "
+                        f"{jax.default_backend()!r}). Fix: use 'auto', 'xla' or 'blocked'.")
+    return dpa_attend(q, k, v, mask, 'cudnn')
+  if impl == 'splash':
+    return splash.splash_attend(q, k, v, mask, block)
+  raise ConfigError(f'model.attention_impl={impl!r}; choose one of {IMPLS}.')

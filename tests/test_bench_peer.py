@@ -1,0 +1,69 @@
+"""`python -m ccf_jax.bench peer`: the ccf_jax rows always print, and the torch peer is measured
+when its optional packages are installed or reported skipped when not (CI has no torch).
+
+The entry point runs in a subprocess on a shrunk model (`--peer_shapes=config` times --config
+with its overrides), one round of one step: the children's compilation dominates.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+
+from ccf_jax.bench import peer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ['--config.model.d_model=32', '--config.model.num_layers=2', '--config.model.num_heads=4',
+         '--config.model.num_kv_heads=2', '--config.model.head_dim=8', '--config.model.mlp_dim=64',
+         '--config.model.vocab_size=64', '--config.data.seq_len=32', '--config.data.batch_size=2']
+
+
+def test_bench_peer_prints_rows_and_a_summary():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  r = subprocess.run([sys.executable, '-m', 'ccf_jax.bench', 'peer', '--config=experiments/tiny.py',
+                      '--peer_shapes=config', '--peer_rounds=1', '--steps=1', *SMALL], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+  by = {(x['bench'], x.get('system')): x for x in rows}
+  jx = by['peer', 'ccf_jax']
+  assert jx['batch'] == 2 and jx['length'] == 32 and jx['params'] > 0 and jx['tokens_per_s'] > 0
+  assert jx['peak_rss_gb'] > 0.05 and jx['flops_formula'] == 'decoder_train_flops'
+  assert jx['cpu_s'] > 0
+  summary = by['peer_summary', None]
+  assert summary['ccf_jax']['tokens_per_s'] == jx['tokens_per_s']
+  pt = by['peer', 'torch']
+  if importlib.util.find_spec('torch') and importlib.util.find_spec('transformers'):
+    assert pt['params'] == jx['params'] and summary['ratio_tokens_per_s'] > 0
+  else:
+    assert 'pip install -r requirements-peer.txt' in pt['skipped']
+    assert 'peer skipped: pip install -r requirements-peer.txt' in r.stderr
+    assert summary['peer'] == pt['skipped']
+
+
+def test_shapes_are_the_issue_shapes_on_the_config():
+  from experiments import tiny
+  base = ml_collections.ConfigDict(tiny.get_config().to_dict())
+  s3 = peer.shape_config(base, 'S3')
+  m = s3.model
+  assert (m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim,
+          m.vocab_size, m.tie_embeddings) == (576, 30, 9, 3, 64, 1536, 49152, True)
+  assert (s3.data.seq_len, s3.data.batch_size, m.dtype) == (512, 2, 'float32')
+  s2 = peer.shape_config(base, 'S2')
+  assert s2.model.num_kv_heads == 8 and s2.data.seq_len == 1024 and s2.model.max_position >= 1024
+  assert peer.shape_config(base, 'CCF8x').model.arch == 'ccf'
+  assert peer.shape_config(base, 'config').model.d_model == base.model.d_model
+
+
+def test_summary_ratio_is_ccf_jax_over_torch_tokens_per_s():
+  jx = {'step_s': 1.0, 'block_s': [1.0, 2.0], 'tokens_per_s': 8.0, 'model_gflops_per_s': 1.0,
+        'peak_rss_gb': 2.0, 'cpu_s': 2.0}
+  pt = {'step_s': 0.5, 'block_s': [0.5, 1.5], 'tokens_per_s': 16.0, 'model_gflops_per_s': 2.0,
+        'peak_rss_gb': 1.0, 'cpu_s': 1.0}
+  s = peer.summary_row('S1', {'ccf_jax': jx, 'torch': pt})
+  assert s['ratio_tokens_per_s'] == 0.5  # ccf_jax half as fast.
+  assert s['ratio_paired_median'] == 0.625  # Per round: 0.5, 0.75.
+  assert s['ratio_peak_rss'] == 2.0 and s['ratio_cpu_s'] == 0.5
