@@ -28,25 +28,21 @@ from ccf_jax.train import faults
 from ccf_jax.train import metrics as metrics_lib
 from ccf_jax.train import trainer
 from experiments import tiny, tiny_ccf
+from tests.ccf_testing import override, set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small(**over):
   """tests/test_trainer.py's small model (its programs are in the session's compilation cache)."""
-  c = tiny.get_config()
-  for k, v in dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                   mlp_dim=128, vocab_size=512).items():
-    c.model[k] = v
+  c = set_fields(tiny.get_config(), 'model', d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, mlp_dim=128, vocab_size=512)
   c.data.seq_len, c.data.batch_size = 64, 8
   c.train.warmup_steps, c.train.time_budget_s, c.train.log_every = 1, 0.0, 1
   c.train.eval_batches, c.train.decay = 0, 'constant'  # No evaluation step to compile.
   c.checkpoint.every, c.checkpoint.async_save = 2, False
   c.mesh.num_devices = 1
-  for k, v in over.items():
-    sect, key = k.split('__')
-    c[sect][key] = v
-  return c
+  return override(c, **over)
 
 
 def steps_on_disk(workdir):

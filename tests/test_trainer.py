@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ccf_jax.train import trainer
-from tests.ccf_testing import set_fields
+from tests.ccf_testing import override, set_fields
 from experiments import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,16 +23,9 @@ def small(**over):
   c = set_fields(tiny.get_config(), 'model', d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=16, mlp_dim=128, vocab_size=512)
   set_fields(c, 'data', seq_len=64, batch_size=8)
-  c.train.warmup_steps = 10
-  c.train.time_budget_s = 0.0
-  c.train.log_every = 10
-  c.train.eval_batches = 2
-  c.checkpoint.every = 1000
-  c.mesh.num_devices = 1
-  for k, v in over.items():
-    sect, key = k.split('__')
-    c[sect][key] = v
-  return c
+  set_fields(c, 'train', warmup_steps=10, time_budget_s=0.0, log_every=10, eval_batches=2)
+  c.checkpoint.every, c.mesh.num_devices = 1000, 1
+  return override(c, **over)
 
 
 def read_losses(workdir):

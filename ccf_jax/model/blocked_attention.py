@@ -104,14 +104,21 @@ def _scores(qb, kb, mb):
   return jnp.where(mb[:, None, None], s, _NEG)
 
 
-def _forward(q, k, v, mask, block):
-  b, lq, h, d = q.shape
+def _tiles(q, k, v, mask, block):
+  """What both passes tile: block sizes and counts, the per-block mask source, and q (scaled and
+  grouped by kv head), k and v split into blocks."""
+  lq, d = q.shape[1], q.shape[3]
   lk, kh = k.shape[1], k.shape[2]
   bq, bk = _sizes(q, k, block)
   nq, nk = -(-lq // bq), -(-lk // bk)
   block_fn, visible = _mask_source(mask, lq, lk, bq, bk)
   qg = _group(q / math.sqrt(d), kh, nq, bq)
-  kb, vb = _split_k(k, nk, bk), _split_k(v, nk, bk)
+  return bq, bk, nq, nk, block_fn, visible, qg, _split_k(k, nk, bk), _split_k(v, nk, bk)
+
+
+def _forward(q, k, v, mask, block):
+  b, lq, h, d = q.shape
+  bq, bk, nq, nk, block_fn, visible, qg, kb, vb = _tiles(q, k, v, mask, block)
 
   def q_step(_, xs):
     qi, qq, vis_row = xs
@@ -162,11 +169,7 @@ def _bwd(block, res, dout):
   q, k, v, mask, out_g, lse = res
   b, lq, h, d = q.shape
   lk, kh = k.shape[1], k.shape[2]
-  bq, bk = _sizes(q, k, block)
-  nq, nk = -(-lq // bq), -(-lk // bk)
-  block_fn, visible = _mask_source(mask, lq, lk, bq, bk)
-  qg = _group(q / math.sqrt(d), kh, nq, bq)
-  kb, vb = _split_k(k, nk, bk), _split_k(v, nk, bk)
+  bq, bk, nq, nk, block_fn, visible, qg, kb, vb = _tiles(q, k, v, mask, block)
   do = _group(dout, kh, nq, bq)
   delta = (do * out_g).sum(-1)  # [nq, B, K, G, bq]: the softmax backward's row term.
 
