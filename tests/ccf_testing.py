@@ -21,6 +21,14 @@ def set_fields(c, section: str, **fields):
   return c
 
 
+def override(c, **over):
+  """Sets `c.<section>.<name> = value` for every `section__name=value`; returns `c`."""
+  for k, v in over.items():
+    sect, key = k.split('__')
+    c[sect][key] = v
+  return c
+
+
 def tiny_ccf_from_scratch():
   """experiments/tiny_ccf.py without its start: tiny_ccf fine-tunes the tiny.py export, while the
   tests shrink the model and train it from scratch."""

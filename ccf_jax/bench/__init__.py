@@ -1,4 +1,5 @@
-"""Benchmarks, one module each, dispatched by `python -m ccf_jax.bench SUBCOMMAND` (`__main__.py`)."""
+"""Benchmarks, one module each, dispatched by `python -m ccf_jax.bench SUBCOMMAND`
+(`__main__.py`)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ Subcommands (one module each; a subcommand's own flags are defined by its module
               jitted train step of an experiment, on synthetic tokens (`train/timing.py`).
   data        the input pipeline's tokens/s next to the train step's (`bench/data.py`).
   memory      train-step memory and time against T for every gradient mode (`bench/memory.py`).
-  signal      CCF against segment_local / full attention on real text over seeds (`bench/signal.py`).
+  signal      CCF against segment_local / full attention on real text, over seeds
+              (`bench/signal.py`).
   passkey     passkey training of CCF and segment_local (`bench/signal.py`).
   decode      prefill and per-token decode time against context (`bench/decode.py`).
   efficiency  the efficiency evaluation's tables (`eval/efficiency.py`).

@@ -17,12 +17,13 @@ same window. One JSON object per configuration:
                  --memory_steps steps (each block's mean) after a warm-up step; block_s lists them.
 The modes of one (T, k) are compiled together (`timing.TrainTimer`) and timed in alternating rounds,
 one block each per round, so that a change in the machine's load lands on all of them alike.
-A last object ('memory_targets') evaluates the issue's targets for `reservoir_final` (S=2) from
-the rows above; its step-time ratios are medians over rounds of the per-round ratio. Pairing is
-what makes the ratios stable on a shared machine: unpaired blocks of short steps vary by tens of
-percent with the machine's load, while a round's paired ratio moves far less. `--memory_modes=reservoir_final,full_remat --memory_steps=20`
-re-measures just the step-time target; `--memory_t` picks the window lengths and `--memory_rounds`
-the number of rounds (3 by default) that the ratios are medians over.
+A last object ('memory_targets') evaluates the issue's targets for `reservoir_final` (S=2) from the
+rows above; its step-time ratios are medians over rounds of the per-round ratio. Pairing is what
+makes the ratios stable on a shared machine: unpaired blocks of short steps vary by tens of percent
+with the machine's load, while a round's paired ratio moves far less.
+`--memory_modes=reservoir_final,full_remat --memory_steps=20` re-measures just the step-time target;
+`--memory_t` picks the window lengths and `--memory_rounds` the number of rounds (3 by default) that
+the ratios are medians over.
 
 The model is `config` when its arch is 'ccf'; any other config (the default, experiments/tiny.py)
 means `bench_model()`, a tiny CCF model sized so that the whole sweep (44 compilations, which

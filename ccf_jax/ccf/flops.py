@@ -17,7 +17,8 @@ from ccf_jax.model import decoder as model_lib
 
 def ccf_forward_flops(cfg, batch_size: int) -> dict:
   """Forward FLOPs of one step by part: 'encoder' (its computed blocks with their q/v LoRA),
-  'project' (memory K/V with the transfer LoRA), 'decoder', 'ae' (auto-encoding, ae_mode 'extra')."""
+  'project' (memory K/V with the transfer LoRA), 'decoder', 'ae' (auto-encoding, ae_mode
+  'extra')."""
   m, x = cfg.model, cfg.ccf
   l, c, t = x.segment_len, x.num_memory, x.num_segments
   n = batch_size * t

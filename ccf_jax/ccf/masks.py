@@ -28,8 +28,8 @@ A segment that sees no memory (the first one, or memory 'off') gets hi = 0, i.e.
 0..l-1: exactly the base decoder.
 
 Position range. What a model must support is the largest distance between a query and a key, which
-`config_lib.max_relative_position` computes; `memory_window` bounds it for any document length. (Random
-global position offsets would not: under rotary they leave every score unchanged.)
+`config_lib.max_relative_position` computes; `memory_window` bounds it for any document length.
+(Random global position offsets would not: under rotary they leave every score unchanged.)
 """
 
 from __future__ import annotations

@@ -225,13 +225,13 @@ class CCFModel(nnx.Module):
     """[layers, heads] weight of the decoder's memory read, tanh(g) with g zero at
     initialisation (`ccf.memory_gate='tanh'`), or None: one softmax over [memory ; raw] (paper).
 
-    Why a gate: trained from scratch, a joint softmax lets up to T*c
-    memory rows of a still random encoder take attention mass from the local tokens from the
-    first step, which might be why the decoder learned worse than segment_local. With the gate, memory rows get a
-    softmax of their own whose output is added with weight tanh(g): at g = 0 the decoder is
-    exactly segment_local, g moves only where reading memory lowers the loss (its gradient at 0
-    is the correlation of the read with the loss gradient), and the rows' own gradient grows
-    with it (Flamingo's gated cross-attention, applied per head). What it costs and buys at the tiny size is recorded in
+    Why a gate: trained from scratch, a joint softmax lets up to T*c memory rows of a still random
+    encoder take attention mass from the local tokens from the first step, which might be why the
+    decoder learned worse than segment_local. With the gate, memory rows get a softmax of their own
+    whose output is added with weight tanh(g): at g = 0 the decoder is exactly segment_local, g
+    moves only where reading memory lowers the loss (its gradient at 0 is the correlation of the
+    read with the loss gradient), and the rows' own gradient grows with it (Flamingo's gated
+    cross-attention, applied per head). What it costs and buys at the tiny size is recorded in
     WORKSPACE.md; the paper's ungated read is the default.
     """
     if self.ccf.memory_gate != 'tanh':

@@ -1,7 +1,7 @@
 """What every evaluation section shares: the loaded export, held-out documents, position limits,
 "n/a" cells, host memory and progress lines.
 
-Why a module of its own: the sections (`eval_ppl`, `eval_passkey`, `eval_ae`, `eval_efficiency`)
+Why a module of its own: the sections (`ppl`, `passkey`, `autoencode`, `efficiency`)
 must measure CCF and its baselines the same way, so the decisions that make them comparable live
 here once:
   * `EvalModel` is an export ready to run on one device, whatever its architecture. A plain

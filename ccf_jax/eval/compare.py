@@ -1,6 +1,6 @@
 """One comparison report from several evaluation runs (what ./launch/local_suite.sh writes).
 
-    python -m ccf_jax.eval_compare --runs=EVAL_DIR1,EVAL_DIR2,... --out=DIR
+    python -m ccf_jax.eval.compare --runs=EVAL_DIR1,EVAL_DIR2,... --out=DIR
 
 Each run is a directory written by `python -m ccf_jax.evaluate` (its results.json). The report puts
 the models side by side: a headline table (held-out and streaming perplexity, passkey accuracy,
@@ -143,7 +143,7 @@ _TITLE = flags.DEFINE_string('title', 'Comparison', 'Title of the report.')
 
 def main(argv):
   if len(argv) > 1 or not _RUNS.value or not _OUT.value:
-    raise app.UsageError('usage: python -m ccf_jax.eval_compare --runs=DIR1,DIR2 --out=DIR')
+    raise app.UsageError('usage: python -m ccf_jax.eval.compare --runs=DIR1,DIR2 --out=DIR')
   print(f'comparison: {compare(_RUNS.value, _OUT.value, _TITLE.value)}', flush=True)
 
 

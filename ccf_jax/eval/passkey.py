@@ -11,7 +11,7 @@ scores per cell, both answer-only:
 Chance is 10% per digit and 10^-digits for the whole key.
 
 Greedy decoding goes through the streaming inference of the generation issue
-(`ccf_jax.inference.Engine.generate`: the prompt is prefilled segment by segment into memory, the
+(`ccf_jax.inference.engine.Engine.generate`: the prompt is prefilled segment by segment into memory, the
 key decoded with the KV cache). Preset option `greedy='fallback'` (or an absent inference module)
 uses the fallback instead, labelled in the results: the whole window is re-run with
 `ccf.arch.lm_logits` for each generated digit (a causal model's prediction at position i does not
@@ -123,7 +123,7 @@ def run(model, p: dict) -> dict:
   for name, ratio, memory in rows:
     fn = _teacher_forced_fn(model, memory, ratio)
     engine = _engine(model, memory, ratio) if p.get('greedy', 'engine') == 'engine' else None
-    out['greedy_path'] = ('ccf_jax.inference.Engine.generate (streaming prefill + KV-cache decode)'
+    out['greedy_path'] = ('ccf_jax.inference.engine.Engine.generate (streaming prefill + KV-cache decode)'
                           if engine is not None else
                           'fallback: lm_logits re-run over the window per generated digit')
     cells = {}

@@ -1,5 +1,5 @@
 """The evaluation report: markdown tables and matplotlib plots from a results.json (the
-comparison of several runs, `python -m ccf_jax.eval_compare`, reuses these pieces).
+comparison of several runs, `python -m ccf_jax.eval.compare`, reuses these pieces).
 
 Reading conventions, stated in every report: perplexities are token level with the named
 tokenizer (never compare across tokenizers); a dagger marks a result beyond the positions the model

@@ -4,12 +4,12 @@
 Measures an export the same way whatever its architecture (CCF, segment_local, full_attention, or a
 plain decoder) and writes one directory per run:
   results.json   every number, with the config, checkpoint step, tokenizer, machine and versions;
-  report.md      the tables (eval_report.markdown), plus PNG plots next to it.
+  report.md      the tables (eval/report.markdown), plus PNG plots next to it.
 Sections (each in its own module, each documenting its protocol):
-  ppl         last-N given K, streaming perplexity vs position, held-out windows (eval_ppl);
-  passkey     lengths x depths, greedy and teacher-forced per-digit accuracy (eval_passkey);
-  ae          compress one segment and reconstruct it: accuracy, exact match, ROUGE-L (eval_ae);
-  efficiency  prefill/decode/train tokens/s, cache bytes and memory vs context (eval_efficiency).
+  ppl         last-N given K, streaming perplexity vs position, held-out windows (eval/ppl.py);
+  passkey     lengths x depths, greedy and teacher-forced per-digit accuracy (eval/passkey.py);
+  ae          reconstruct a compressed segment: accuracy, exact match, ROUGE-L (eval/autoencode.py);
+  efficiency  prefill/decode/train tokens/s, cache bytes and memory vs context (eval/efficiency.py).
 `--only` runs some sections and merges them into the directory's existing results.json (same
 export), so one section can be re-run without redoing the others; report and plots are rebuilt from
 the merged results.
