@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 
 from ccf_jax.checkpoint import CheckpointError
-from ccf_jax.core import config_lib
+from ccf_jax.core import config_lib, sharding
 from ccf_jax.data import DataError
 from ccf_jax.inference.checks import InferenceError
 from ccf_jax.inference.generator import Generator, read_prompts
@@ -38,6 +38,10 @@ _RATIO = flags.DEFINE_integer('ratio', None,
 _MAX_POSITION = flags.DEFINE_integer('max_position', None, 'Override model.max_position '
                                      '(positions beyond training: only if the model '
                                      'extrapolates).')
+_CHAT = flags.DEFINE_bool('chat', False, 'Format each prompt as a user message with the chat '
+                          "template of the export's tokenizer_config.json (needs jinja2).")
+_MESH = flags.DEFINE_string('mesh', '', 'Shard the export over every device as a DATA,FSDP,TENSOR mesh (one may be -1) with '
+                            'the training rules, e.g. --mesh=1,-1,1 for FSDP; default: one device.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write the completions as JSONL here.')
 
 
@@ -47,14 +51,15 @@ def main(argv):
   if not _CHECKPOINT.value or not _PROMPT_FILE.value:
     raise app.UsageError('--checkpoint=EXPORT and --prompt_file=FILE are required.')
   with faults.one_line_errors('generate', (InferenceError, CheckpointError, DataError,
-                                           config_lib.ConfigError)):
-    gen = Generator.from_export(_CHECKPOINT.value, memory=_MEMORY.value,
+                                           config_lib.ConfigError, sharding.MeshError)):
+    gen = Generator.from_export(_CHECKPOINT.value, sharding.parse_mesh_flag(_MESH.value),
+                                memory=_MEMORY.value,
                                 memory_window=_MEMORY_WINDOW.value, ratio=_RATIO.value,
                                 max_position=_MAX_POSITION.value)
     stop = [codecs.decode(s, 'unicode_escape') for s in _STOP.value]  # Shell --stop='\n': newline.
     out = gen.generate(read_prompts(_PROMPT_FILE.value), _MAX_NEW_TOKENS.value,
                        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                       stop=stop, seed=_SEED.value)
+                       stop=stop, seed=_SEED.value, chat=_CHAT.value)
   for i, c in enumerate(out):
     print(f'=== completion {i} ({c.finish_reason}, {len(c.tokens)} tokens) ===\n{c.text}')
   print(json.dumps({'stats': gen.last_stats}), file=sys.stderr, flush=True)

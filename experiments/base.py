@@ -23,13 +23,19 @@ def get_config() -> ml_collections.ConfigDict:
   m.head_dim = 32  # Per-head width; usually d_model // num_heads.
   m.mlp_dim = 512  # SwiGLU hidden width.
   m.rope_theta = 10000.0  # Rotary base.
-  m.rope_scaling = ml_collections.ConfigDict()  # Llama-3 style rope scaling; empty = none.
+  m.rope_scaling = ml_collections.ConfigDict()  # Rope scaling; empty = none. rope_type: llama3
+  # (the default) | linear | yarn, with transformers' keys (factor, original_max_position_embeddings).
+  m.sliding_window = 0  # Keys each query sees (Mistral's sliding_window); 0 = all. Decoder only.
+  m.qkv_bias = False  # Biases on the q/k/v projections (Qwen2).
   m.max_position = 4096  # Largest rotary position the model is built/trained for.
   m.norm_eps = 1e-5  # RMSNorm epsilon.
   m.tie_embeddings = False  # Share the input embedding with the LM head.
   m.init_std = 0.02  # Std of the normal initialiser for weights.
-  m.param_dtype = 'float32'  # Storage dtype of trainable parameters: float32 | bfloat16.
-  m.dtype = 'float32'  # Compute dtype of activations: float32 | bfloat16.
+  # Mixed precision is param_dtype=float32 + dtype=bfloat16: float32 master weights and AdamW
+  # moments, bfloat16 matmuls; norms, softmax, logits and loss float32 whatever dtype says.
+  m.param_dtype = 'float32'  # Stored parameters: float32 | bfloat16 (a frozen base: ccf.mode=
+  # adapter, whose adapter is float32 always; a trained one needs train.bf16_master_weights).
+  m.dtype = 'float32'  # Compute dtype of activations and matmuls: float32 | bfloat16.
   m.remat_policy = 'none'  # Per-layer rematerialisation: none | full | dots | dots_no_batch.
   m.scan_layers = True  # Scan over stacked layers (flat compile time); False unrolls (FLOP checks).
   m.attention_impl = 'auto'  # Every attention's kernel: auto | xla | blocked | cudnn | splash
@@ -42,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.mixture = ''  # Optional weighted mixture 'path_or_name:weight,...'; overrides corpus if set.
   d.text_field = 'text'  # JSONL field holding the document text.
   d.replace_invalid_utf8 = False  # Replace bad bytes instead of failing on non-UTF-8 input.
-  d.tokenizer = ''  # Path to a sentencepiece .model; '' trains one on the corpus (cached).
+  # A sentencepiece .model or Hugging Face tokenizer.json; '' = the tokenizer of init.params_only /
+  # init.from_hf when set, else one trained on the corpus (cached).
+  d.tokenizer = ''
   d.tokenizer_type = 'bpe'  # When training a tokenizer: bpe | unigram.
   d.mode = 'packed'  # 'packed': short packed sequences (plain decoder); 'windows': whole-document windows (CCF).
   d.seq_len = 256  # Tokens per example (packed mode); windows use num_segments * segment_len.
@@ -107,10 +115,17 @@ def get_config() -> ml_collections.ConfigDict:
   t.weight_decay = 0.1  # Decoupled weight decay (norms, biases and scalars are excluded).
   t.clip_norm = 1.0  # Global-norm gradient clipping (0 = off).
   t.grad_accum = 1  # Micro-batches per step; the loss is normalised by the total token count.
-  # On a non-finite loss, gradient or update: 'stop' with an error (exit code 3; the bad state is
-  # never saved) or 'skip' the update (counted) and go on.
+  t.bf16_master_weights = False  # Allow model.param_dtype=bfloat16 for trained weights: bfloat16
+  # masters and AdamW moments (half the state; updates below 2^-8 of a weight are lost).
+  # On a non-finite loss, gradient or update, or one over max_update_ratio: 'stop' with an error
+  # (exit code 3; the bad state is never saved) or 'skip' the update (counted) and go on.
   t.nonfinite = 'stop'
+  t.max_update_ratio = 1.0  # Reject an update whose norm exceeds this times the params' norm (0 = off).
+  t.divergence_factor = 3.0  # Stop (exit 3) when a loss exceeds this times max(best smoothed loss, 1) (0 = off).
   t.log_every = 10  # Metrics cadence in steps.
+  # Dense bf16 peak FLOP/s of one device, for MFU; 0 = from the device kind's entry in
+  # core/flops.PEAK_BF16_FLOPS (a kind not listed, e.g. a CPU, gets no MFU).
+  t.peak_flops_per_device = 0.0
   t.eval_every = 0  # Evaluation cadence in steps (0 = only at the end).
   t.eval_batches = 4  # Batches per evaluation.
   t.profile_start = -1  # First step of a jax.profiler trace (-1 = off).
@@ -124,7 +139,8 @@ def get_config() -> ml_collections.ConfigDict:
   k.async_save = True  # Write checkpoints in the background.
 
   # ---------------------------------------------------------------- initialisation
-  # Priority: resume from workdir > init.from_checkpoint > init.params_only > init.from_hf > fresh.
+  # Priority: resume from workdir > init.from_checkpoint > init.params_only | init.from_hf > fresh
+  # (params_only and from_hf exclude each other). Starting from either, the run uses its tokenizer.
   i = c.init = ml_collections.ConfigDict()
   i.from_checkpoint = ''  # A checkpoint step directory or workdir: full state (params, optimizer, data).
   i.params_only = ''  # An export directory: parameters only; optimizer and step start fresh.

@@ -16,6 +16,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -61,8 +62,15 @@ def cache_case(b=2, prefix=11, lq=5, seed=0):
   return spans.prefix_causal(ok, lq), dense
 
 
+def window_mask(n, w):
+  """Causal within the last w keys, built independently of `spans.causal`."""
+  i = np.arange(n)
+  return jnp.asarray(((i[:, None] >= i[None]) & (i[:, None] - i[None] < w))[None])
+
+
 CASES = {
     'causal': lambda: (spans.causal(13), model_lib.causal_mask(13)),
+    'causal_window': lambda: (spans.causal(13, 4), window_mask(13, 4)),
     'encoder_mixed_ratios': lambda: encoder_case(8, 4, [2, 4, 8]),
     'encoder_c1': lambda: encoder_case(8, 1, [8]),
     'encoder_32x': lambda: encoder_case(32, 1, [32]),
@@ -151,11 +159,12 @@ def test_blocked_accepts_a_boolean_mask():
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=5e-6)
 
 
-@pytest.mark.parametrize('name', ['causal', 'cache'])
+@pytest.mark.parametrize('name', ['causal', 'causal_window', 'cache'])
 def test_cudnn_mask_translation_through_the_xla_implementation(name):
   """dpa_attend is the cudnn path with only `implementation` changed (the xla kernel tests above
   run it on every mask): the 4-D mask with a batch of 3 against 4 heads (a 3-D mask would be read
-  as heads) and is_causal for the square causal mask. Its zeroing of fully masked rows (the API
+  as heads), is_causal for the square causal mask and local_window_size for a sliding window. Its
+  zeroing of fully masked rows (the API
   returns mean(V) there) is checked by the xla kernel on the decoder's gated memory read."""
   spans, dense = CASES[name]()
   lq, lk = dense.shape[-2:]
@@ -180,7 +189,7 @@ def test_cudnn_off_gpu_is_a_config_error():
     attention.attend(q, k, v, spans, 'cudnn')
 
 
-@pytest.mark.parametrize('name', ['causal', 'encoder_32x', 'decoder'])
+@pytest.mark.parametrize('name', ['causal', 'causal_window', 'encoder_32x', 'decoder'])
 def test_splash_in_interpret_mode_equals_the_dense_reference(name):
   """Splash pads to blocks of 128 and gives rows that see nothing a zero key: the decoder's
   gated memory-only read (segment 0 sees no memory) must return zeros, not NaN or mean(V)."""
@@ -190,6 +199,31 @@ def test_splash_in_interpret_mode_equals_the_dense_reference(name):
     part, want = gated_parts(spans, dense, dense.shape[-1] - dense.shape[1])[0]
     out = check(part, want, 'splash', 128)
     assert np.isfinite(np.asarray(out[0]))
+
+
+@pytest.mark.parametrize('name', ['causal', 'cache'])
+def test_splash_runs_per_device_under_a_mesh(name):
+  """Under a mesh of several devices splash runs inside shard_map (XLA cannot partition a Mosaic
+  kernel): batch rows over data, heads over tensor, the cache mask's per-row key flags with their
+  rows (the causal case has one row: replicated)."""
+  from jax.sharding import AxisType
+  from ccf_jax.core import sharding
+  from experiments import base
+  mesh = jax.make_mesh((2, 1, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=jax.devices()[:4])
+  with sharding.use_mesh(mesh, base.get_config().mesh.rules):
+    check(*CASES[name](), 'splash', 128)
+
+
+def test_sliding_window_skips_key_blocks_below_it():
+  """A window of 8 keys over 64 queries in blocks of 8: each query block visits only its own key
+  block and the one before (the window reaches back at most 7 keys), in both passes; the window
+  spans the splash kernel's 128-row blocks too (a window of 100 on 300 tokens)."""
+  from ccf_jax.model.blocked_attention import _mask_source
+  _, visible = _mask_source(spans.causal(64, 8), 64, 64, 8, 8)
+  qi, kj = np.nonzero(np.asarray(visible))
+  assert set(qi - kj) == {0, 1} and len(qi) == 8 + 7
+  check(spans.causal(300, 100), window_mask(300, 100), 'splash', 128)
 
 
 def test_blocked_backward_keeps_one_block_of_scores_not_all():
@@ -218,10 +252,16 @@ def test_blocked_backward_keeps_one_block_of_scores_not_all():
     ('attention_impl', 'flash', 'attention_impl'),
     ('attention_block', 0, 'attention_block'),
     ('attention_impl', 'cudnn', 'bf16'),
+    ('sliding_window', 8, r'sliding_window=8 is implemented for the plain decoder only.*Fix: '),
+    ('sliding_window', -1, 'sliding_window=-1 must be an integer >= 0'),
+    ('rope_scaling', {'rope_type': 'dynamic', 'factor': 2.0}, "rope_type='dynamic'"),
+    ('rope_scaling', {'rope_type': 'yarn', 'factor': 2.0}, 'original_max_position_embeddings'),
 ])
 def test_config_checks(field, value, match):
+  """Also: a sliding window on a CCF model (memory rows have no window) and rope scalings the
+  model does not implement are refused at validation, never ignored."""
   cfg = ccf_testing.small_cfg(4)
-  cfg.model[field] = value
+  cfg.model[field] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
   with pytest.raises(config_lib.ConfigError, match=match):
     config_lib.validate(cfg, 1)
 

@@ -46,7 +46,8 @@ def test_every_subcommand_module_imports_with_the_dispatcher():
   # flags then parse (absl's --helpfull lists them, and exits 1 by design).
   for sub, own_flag in (('memory', 'steps'), ('signal', 'signal_seeds'),
                         ('passkey', 'passkey_train_baseline'), ('decode', 'steps'),
-                        ('efficiency', 'steps')):
+                        ('efficiency', 'steps'), ('prefill', 'prefill_lengths'),
+                        ('profile', 'profile_shape')):
     r = _bench(sub, '--helpfull')
     assert 'Traceback' not in r.stderr and own_flag in r.stdout, (sub, r.stderr[-3000:])
 
@@ -76,3 +77,43 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
   ref = {'block_s': [2.0, 2.0, 4.0], 'step_s': 2.0}
   assert bench_memory.paired_ratio(res, ref) == 1.0  # Ratios 0.5, 1.0, 1.5.
   assert bench_memory.paired_ratio({'step_s': 1.0}, ref) == 0.5  # Measured apart: fastest blocks.
+
+
+def test_bench_profile_and_prefill_print_json():
+  """Both on the shrunk config: the profile's kinds add up to the traced step, attention is
+  found by its named scope, and prefill reports each requested length."""
+  r = _bench('profile', '--config=experiments/tiny.py', '--steps=1', *SMALL)
+  assert r.returncode == 0, r.stderr[-3000:]
+  recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+  kinds = {x['kind']: x['share'] for x in recs if 'kind' in x and 'instruction' not in x}
+  comps = {x['component']: x['ms_per_step'] for x in recs if 'component' in x
+           and 'instruction' not in x}
+  assert {'matmul', 'copy/transpose'} <= set(kinds) and abs(sum(kinds.values()) - 1) < 0.01
+  assert comps.get('attention', 0) > 0 and comps.get('optimizer', 0) > 0, comps
+  r = _bench('prefill', '--config=experiments/tiny.py', '--prefill_lengths=16,32', *SMALL)
+  assert r.returncode == 0, r.stderr[-3000:]
+  recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+  assert [x['tokens'] for x in recs] == [16, 32] and all(x['tokens_per_s'] > 0 for x in recs)
+
+
+def test_profile_self_times_subtract_nested_events():
+  """Self time is duration minus nested children, per thread (a loop and its body ops)."""
+  from ccf_jax.bench import profile
+  ev = [dict(ph='X', name='while', ts=0, dur=100, pid=1, tid=1),
+        dict(ph='X', name='dot', ts=10, dur=30, pid=1, tid=1),
+        dict(ph='X', name='copy', ts=50, dur=20, pid=1, tid=1),
+        dict(ph='X', name='dot', ts=5, dur=7, pid=1, tid=2),
+        dict(ph='i', name='marker', ts=3, pid=1, tid=1)]
+  assert profile.self_times(ev) == {'while': 50, 'dot': 37, 'copy': 20}
+
+
+def test_profile_kinds_from_optimised_hlo():
+  """Kinds read from a real compiled program: a matmul, a transpose copy, a broadcast."""
+  import jax
+  import jax.numpy as jnp
+  from ccf_jax.bench import profile
+  f = jax.jit(lambda a, b, c: (a @ b, a.T.copy() + 0 * c[0, 0], jnp.broadcast_to(c, (64, 8, 8))))
+  args = (jnp.ones((64, 64)), jnp.ones((64, 64)), jnp.ones((8, 8)))
+  instrs, comps = profile.parse_hlo(f.lower(*args).compile().as_text())
+  kinds = {profile.kind_of(op, called, comps) for op, called, _ in instrs.values()}
+  assert 'matmul' in kinds and 'broadcast' in kinds, kinds

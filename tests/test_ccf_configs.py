@@ -46,6 +46,21 @@ def test_tiny_configs(name, trainable, frozen):
     assert arch_lib.get_arch(cfg).train_flops(cfg, 8) > 0
 
 
+SMOLLM2_135M = 134_515_008  # SmolLM2-135M's parameter count (tied embeddings).
+
+
+@pytest.mark.parametrize('name,trainable', [('smollm2_ccf', 1_668_942),
+                                            ('smollm2_ccf_full', SMOLLM2_135M + 1_668_942)])
+def test_smollm2_configs(name, trainable):
+  """The real-model recipes: SmolLM2-135M's shapes, a frozen base for the adapter (the count the
+  trainer printed for the converted GGUF), everything trained in the full variant."""
+  cfg = importlib.import_module(f'experiments.{name}').get_config()
+  config_lib.validate(cfg, 1)
+  frozen = SMOLLM2_135M if cfg.ccf.mode == 'adapter' else 0
+  assert counts(cfg) == (trainable, frozen)
+  assert cfg.ccf.memory_gate == 'tanh' and cfg.ccf.segment_len // cfg.ccf.num_memory == 8
+
+
 @pytest.mark.parametrize('name', ['ccf_llama2_7b_8x', 'ccf_llama2_7b_32x'])
 def test_7b_configs_build_abstractly_on_256_devices(name):
   cfg = importlib.import_module(f'experiments.{name}').get_config()

@@ -322,7 +322,7 @@ def test_train_step_compiles_once_across_steps():
   cfg = small_cfg(grad_mode='reservoir', reservoir_semantics='streaming', compensate=True)
   tx = optim.make_optimizer(cfg.train)
   initial = params()
-  state = jit(ts.init_state_fn(cfg, tx, lambda: initial))()
+  state = jit(ts.init_state_fn(cfg, tx))(initial)
   traces = []
 
   def counted(state, batch):

@@ -104,7 +104,7 @@ def test_adapter_step_trains_only_the_adapter_and_keeps_the_base():
   memory = params['adapter']['memory']
   np.testing.assert_array_equal(memory, np.broadcast_to(base['embed'][3], memory.shape))
   tx = optim.make_optimizer(cfg.train)
-  state = jax.jit(ts.init_state_fn(cfg, tx, lambda: params), compiler_options=FAST)()
+  state = jax.jit(ts.init_state_fn(cfg, tx), compiler_options=FAST)(params)
   assert set(state.params) == {'adapter'} and set(state.frozen) == {'decoder'}
   n_train, n_opt = model_lib.param_count(state.params), model_lib.param_count(state.opt_state)
   assert n_opt <= 2 * n_train + 8  # Adam moments of the adapter only (plus counters).

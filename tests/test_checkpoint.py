@@ -353,10 +353,10 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------------------- export
 @pytest.fixture(scope='module')
 def tokenizer_files(tmp_path_factory):
+  from ccf_jax.data import tokenizer as tok_lib
   d = tmp_path_factory.mktemp('tok')
-  (d / 'sp.model').write_bytes(b'not really a sentencepiece model \x00\x01')
-  (d / 'sp.json').write_text('{"pad_id": 0}')
-  return str(d / 'sp.model')
+  return tok_lib.train_tokenizer(['To be, or not to be, that is the question.\n' * 20], 300,
+                                 str(d / 'sp.model')).model_path  # Writes sp.json beside it.
 
 
 @pytest.fixture(scope='module')
@@ -370,7 +370,7 @@ def export_workdir(tmp_path_factory, tokenizer_files):
   return workdir
 
 
-def test_export_and_load_roundtrip(export_workdir, tmp_path):
+def test_export_and_load_roundtrip(export_workdir, tokenizer_files, tmp_path):
   out = str(tmp_path / 'export')
   export_lib.export(export_workdir, out)
   assert sorted(os.listdir(out)) == ['config.json', 'export_info.json', 'params',
@@ -380,7 +380,11 @@ def test_export_and_load_roundtrip(export_workdir, tmp_path):
   assert_bitwise_equal(params, host_state(4).params)
   assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
   assert config == json.loads(make_config().to_json_best_effort())
-  assert open(tok, 'rb').read() == b'not really a sentencepiece model \x00\x01'
+  assert open(tok, 'rb').read() == open(tokenizer_files, 'rb').read()
+  info = json.load(open(os.path.join(out, export_lib.INFO_JSON)))
+  assert info['tokenizer']['kind'] == 'sentencepiece' and info['tokenizer']['vocab_size'] == 300
+  assert info['tokenizer']['file'] == 'tokenizer.model'
+  assert export_lib.tokenizer_of(out) == (tok, info['tokenizer'])
   mesh = make_mesh((1, 8, 1))
   target = abstract(host_state(4).params, mesh)
   sharded, _, _ = export_lib.load_export(out, target)
@@ -407,6 +411,21 @@ def test_export_cli(export_workdir, tmp_path):
   assert proc.returncode == 1 and 'export failed: Checkpoint path' in proc.stderr
   assert 'Traceback' not in proc.stderr
   assert_bitwise_equal(export_lib.load_export(str(out))[0], host_state(2).params)
+
+
+def test_export_carries_a_tokenizer_json(saved, tmp_path):
+  """A run on a Hugging Face tokenizer.json exports it with its tokenizer_config.json under hf/
+  and records it; loaders find it."""
+  from ccf_jax import data
+  src = os.path.join(REPO, 'tests', 'fixtures', 'tokenizers', 'bpe', 'tokenizer.json')
+  out = str(export_lib.export(saved, str(tmp_path / 'e'), tokenizer=src))
+  assert sorted(os.listdir(os.path.join(out, 'hf'))) == ['tokenizer.json', 'tokenizer_config.json']
+  assert not os.path.exists(os.path.join(out, 'tokenizer.model'))
+  path, rec = export_lib.tokenizer_of(out)
+  assert path == os.path.join(out, 'hf', 'tokenizer.json') == export_lib.load_export(out)[2]
+  tok = data.load_tokenizer(path)
+  assert rec == dict(data.load_tokenizer(src).record(), file='hf/tokenizer.json')
+  assert rec['kind'] == 'hf' and tok.eos_id == rec['eos_id'] == 0 and tok.chat_template
 
 
 def test_export_errors(export_workdir, saved, tmp_path):

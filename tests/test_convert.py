@@ -1,6 +1,7 @@
-"""Hugging Face Llama interop against fixtures that transformers itself wrote.
+"""Hugging Face Llama-family interop against fixtures that transformers itself wrote.
 
-tests/fixtures/hf/<name>/ holds small random LlamaForCausalLM checkpoints and the float32 logits
+tests/fixtures/hf/<name>/ holds small random Llama, Mistral (sliding window) and Qwen2 (q/k/v
+biases) checkpoints, with linear, YaRN and Llama-3 rope scaling, and the float32 logits
 transformers computed for fixed tokens (tests/fixtures/make_hf_fixtures.py): a reference independent of
 ccf_jax, and no torch is needed here. A live test re-runs transformers where torch is installed.
 """
@@ -76,6 +77,27 @@ def test_logits_match_transformers(name, exports):
   assert diff < ATOL
 
 
+@pytest.mark.parametrize('name,without', [
+    ('mistral_window', dict(sliding_window=0)),
+    ('llama_rope_linear', dict(rope_scaling={})),
+    ('llama_rope_yarn_legacy', dict(rope_scaling={})),
+    ('qwen2_bias_fp16', dict(qkv_bias=False)),
+])
+def test_each_feature_changes_the_logits(name, without):
+  """Without the window, the rope scaling or the biases the logits move by O(1): the parity test
+  checks each of them, not a model that ignores it. (The 24 test tokens exceed the window of 8;
+  biases are dropped by zeroing them.)"""
+  exp = np.load(os.path.join(fixture(name), 'expected.npz'))
+  fields = hf_config.hf_config_to_model_config(hf_config.read_hf_config(fixture(name)))
+  params = hf_weights.load_hf_params(fixture(name), dtype='float32')
+  if 'qkv_bias' in without:
+    params['layers']['attn'] = {k: v * 0 if k in ('bq', 'bk', 'bv') else v
+                                for k, v in params['layers']['attn'].items()}
+    without = {}
+  logits = model_lib.bind(model_cfg(dict(fields, **without)), params)(exp['tokens'])
+  assert np.abs(np.asarray(logits) - exp['logits']).max() > 0.5
+
+
 def test_fixtures_are_sensitive_to_layout():
   """Rope scaling and the q/k layout change the logits by O(1): the parity test would notice."""
   name = 'llama3_rope_untied_sharded'
@@ -110,6 +132,7 @@ def test_roundtrip_to_hf_is_bitwise(name, exports, tmp_path):
   if name == 'llama2_gqa_untied':  # A sentencepiece model without a config gets a minimal one.
     tok_cfg = json.load(open(os.path.join(out, 'tokenizer_config.json')))
     assert [tok_cfg[f'{r}_token'] for r in ('bos', 'eos', 'unk')] == ['<s>', '</s>', '<unk>']
+    assert tok_cfg['add_prefix_space'] is True  # This model has sentencepiece's dummy prefix.
 
 
 def test_to_hf_shards_and_dtype(exports, tmp_path):
@@ -131,7 +154,8 @@ def test_load_hf_params_against_model_config():
   fields = hf_config.hf_config_to_model_config(hf_config.read_hf_config(d))
   assert fields == dict(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                         head_dim=16, mlp_dim=96, rope_theta=10000.0, rope_scaling={},
-                        max_position=256, norm_eps=1e-5, tie_embeddings=True)
+                        max_position=256, norm_eps=1e-5, tie_embeddings=True, sliding_window=0,
+                        qkv_bias=False)
   tied = hf_weights.load_hf_params(d, model_cfg(fields))
   want = jax.tree.map(lambda a: (a.shape, a.dtype), model_lib.abstract_params(model_cfg(fields)))
   assert jax.tree.map(lambda a: (a.shape, a.dtype), tied) == want
@@ -146,10 +170,40 @@ def test_load_hf_params_against_model_config():
     hf_weights.load_hf_params(fixture('llama2_gqa_untied'), model_cfg(fields))
 
 
+def test_norm_eps_agrees_to_float32_rounding():
+  """A config from a GGUF or a float32 export holds 1e-5 as 9.99999975e-06: the same model. A
+  real mismatch is one ConvertError line naming the field and the fix."""
+  d = fixture('llama2_gqa_tied')
+  fields = hf_config.hf_config_to_model_config(hf_config.read_hf_config(d))
+  hf_weights.load_hf_params(d, model_cfg(dict(fields, norm_eps=float(np.float32(1e-5)))))
+  with pytest.raises(hf_config.ConvertError, match=r'model.norm_eps=1e-06 but the checkpoint '
+                     r'has 1e-05.*Fix: set') as e:
+    hf_weights.load_hf_params(d, model_cfg(dict(fields, norm_eps=1e-6)))
+  assert '\n' not in str(e.value)
+  mistral = model_cfg(dict(fields, sliding_window=0))
+  with pytest.raises(hf_config.ConvertError, match='model.sliding_window=0 but the checkpoint '
+                     'has 8'):
+    hf_weights.load_hf_params(fixture('mistral_window'), mistral)
+  mistral.arch = 'ccf'  # CCF has no window (config validation): its base loads without one.
+  hf_weights.load_hf_params(fixture('mistral_window'), mistral)
+
+
+@pytest.mark.parametrize('name,arch', [('mistral_window', 'MistralForCausalLM'),
+                                       ('qwen2_bias_fp16', 'Qwen2ForCausalLM'),
+                                       ('llama_rope_yarn_legacy', 'LlamaForCausalLM')])
+def test_hf_config_written_without_a_source_reads_back(name, arch):
+  """A model trained here (no original config.json to keep) is written as the simplest class
+  that expresses it, and reading that config gives the same model.* fields."""
+  fields = hf_config.hf_config_to_model_config(hf_config.read_hf_config(fixture(name)))
+  written = hf_config.model_config_to_hf_config(model_cfg(fields))
+  assert written['architectures'] == [arch]
+  assert hf_config.hf_config_to_model_config(written) == fields
+
+
 def test_llama3_rope_config_forms_agree():
   fields = lambda n: hf_config.hf_config_to_model_config(hf_config.read_hf_config(fixture(n)))
   new, old = fields('llama3_rope_untied_sharded'), fields('llama3_rope_tied_legacy')
-  want = {'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+  want = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
           'original_max_position_embeddings': 64}
   assert new['rope_scaling'] == old['rope_scaling'] == want
   assert new['rope_theta'] == old['rope_theta'] == 500000.0
@@ -180,9 +234,10 @@ def test_tokenizers_are_recorded_and_load(exports):
 
   hf_export = exports['llama3_rope_tied_legacy']
   info = json.load(open(os.path.join(hf_export, export_lib.INFO_JSON)))
-  assert info['tokenizer']['kind'] == 'tokenizers'
+  assert info['tokenizer']['kind'] == 'hf' and len(info['tokenizer']['sha256']) == 64
   _, config, tok_path = export_lib.load_export(hf_export)
-  assert tok_path is None and config['data']['tokenizer'] == 'hf/tokenizer.json'
+  assert tok_path == os.path.join(hf_export, 'hf', 'tokenizer.json')
+  assert config['data']['tokenizer'] == 'hf/tokenizer.json'
   tok = hf_tokenizer.load(os.path.join(hf_export, 'hf', 'tokenizer.json'))
   assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.unk_id) == (128, 1, 2, 0)
   ids = tok.encode('a good fortune')
@@ -212,10 +267,15 @@ def copy_fixture(name, dst, edit_config=None, drop=()):
      'lacks tensors.*lm_head.weight'),
     (lambda c: c.update(intermediate_size=128), (), r'mlp.gate_proj.weight has shape \[96, 64\], '
      r'but config.json implies \[128, 64\]'),
-    (lambda c: c.update(architectures=['Qwen2ForCausalLM'], model_type='qwen2'), (),
-     "architecture 'Qwen2ForCausalLM' is not supported"),
-    (lambda c: c.update(attention_bias=True), (), 'no biases'),
-    (lambda c: c['rope_parameters'].update(rope_type='yarn'), (), "rope scaling 'yarn'"),
+    (lambda c: c.update(architectures=['GemmaForCausalLM'], model_type='gemma'), (),
+     "architecture 'GemmaForCausalLM' is not supported"),
+    (lambda c: c.update(attention_bias=True), (), 'q/k/v and o_proj.*no biases'),
+    (lambda c: c['rope_parameters'].update(rope_type='dynamic'), (),
+     "'dynamic'.*running sequence length.*within 256 tokens, delete rope_scaling"),
+    (lambda c: c['rope_parameters'].update(rope_type='longrope'), (), "rope scaling 'longrope'"),
+    (lambda c: c.update(architectures=['Qwen2ForCausalLM'], model_type='qwen2',
+                        use_sliding_window=True, sliding_window=8, max_window_layers=1), (),
+     '1 of 2 layers a window of 8.*set use_sliding_window=false'),
 ])
 def test_clear_errors(edit, drop, match, tmp_path):
   d = copy_fixture('llama3_rope_untied_sharded', tmp_path / 'm', edit, drop)
@@ -237,8 +297,13 @@ def test_cli_roundtrip_and_error(tmp_path):
   proc = run(f'--from_hf={fixture("llama2_gqa_tied")}', f'--out={tmp_path / "e"}')
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert '2 layers, d=64, vocab 128, float32' in proc.stdout
+  infos = [l for l in proc.stderr.splitlines() if l.startswith('I')]
+  assert not infos and 'exporting weights only' in proc.stderr  # No Orbax INFO; warnings stay.
+  proc = run(f'--from_hf={tmp_path / "nope"}', f'--out={tmp_path / "e"}')  # Before any read.
+  assert proc.returncode == 1 and 'e already exists. Fix: pass --overwrite' in proc.stderr
   proc = run(f'--to_hf={tmp_path / "hf"}', f'--from_export={tmp_path / "e"}')
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'wrote Hugging Face LlamaForCausalLM (float32)' in proc.stdout
   assert hf_tensors(tmp_path / 'hf').keys() == hf_tensors(fixture('llama2_gqa_tied')).keys()
   proc = run(f'--from_hf={tmp_path / "nope"}', f'--out={tmp_path / "e2"}')
   assert proc.returncode == 1 and 'convert failed:' in proc.stderr
@@ -303,8 +368,8 @@ def test_live_transformers(name, exports, tmp_path):
   tokens = torch.as_tensor(exp['tokens'], dtype=torch.long)
   ours = export_logits(exports[name], exp['tokens'])
   for d in (fixture(name), hf.export_to_hf(exports[name], tmp_path / 'hf')):
-    m = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32,
-                                                      attn_implementation='eager').eval()
+    m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                          attn_implementation='eager').eval()
     with torch.no_grad():
       ref = m(tokens).logits.float().numpy()
     assert np.abs(ref - exp['logits']).max() < ATOL

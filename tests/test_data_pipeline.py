@@ -310,3 +310,27 @@ def test_worker_processes_same_batches_and_restore(tok):
   for k in range(4, 8):
     np.testing.assert_array_equal(np.array(next(it)['tokens']), want[k])
   it.close()
+
+
+def test_tokenizer_json_trains_windows_and_passkey(tmp_cache, source_text):
+  """data.tokenizer=.../tokenizer.json (a byte-level BPE): the same windows as its own encoding of
+  the documents, and passkey windows whose answers are the key's digits."""
+  from tests.fixtures import make_tokenizer_fixtures as fx
+  path = os.path.join(fx.OUT, 'bpe', 'tokenizer.json')
+  bpe = data.load_tokenizer(path)
+  root = _make_corpus(tmp_cache / 'c', source_text)
+  c = _config(bpe, root)
+  assert c.data.tokenizer == path and data.load_or_train_tokenizer(c).kind == 'hf'
+  rows = _rows(iter(data.make_pipeline(c, 'validation', eval_shuffle=False).dataset))
+  assert bpe.bos_id < 0
+  seqs = [s[1:] for s in _doc_seqs(bpe, root, 'validation')]  # No bos token: ids + [eos].
+  want, _, _ = _oracle_windows(seqs, W, W, SEG)
+  assert len(want) > 4
+  for row, w in zip(rows, want):
+    np.testing.assert_array_equal(row['tokens'][:len(w)], w)
+  c = _config(bpe, root, task='passkey')
+  c.ccf.segment_len = 64  # This small BPE spends 50 tokens on the key statement.
+  batch = next(data.make_train_iter(c, 'train'))
+  for tokens, mask in zip(batch['tokens'], batch['loss_mask']):
+    key = bpe.decode(tokens[mask > 0])
+    assert len(key) == 5 and key.isdigit() and f'pass key is {key}.' in bpe.decode(tokens)

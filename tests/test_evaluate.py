@@ -326,3 +326,40 @@ def test_quick_report_end_to_end(tmp_path):
   assert dump(again['ppl']) == dump(res['ppl']) and 'ae' in again
   with open(os.path.join(out, 'results.json')) as f:
     assert set(evaluate.SECTIONS) <= set(json.load(f))
+
+
+def _numbers(tree):
+  """Every float in a results tree, in a fixed order (for comparing two runs' results)."""
+  if isinstance(tree, dict):
+    return [x for k in sorted(tree) for x in _numbers(tree[k])]
+  if isinstance(tree, (list, tuple)):
+    return [x for v in tree for x in _numbers(v)]
+  return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def test_sharded_evaluation_and_generation_equal_one_device(tmp_path):
+  """`evaluate --mesh` / `generate --mesh`: the export restored straight into its training
+  shardings on a (data 2, fsdp 2, tensor 2) mesh gives the one-device perplexities and greedy
+  tokens."""
+  from ccf_jax.checkpoint import export as export_lib
+  from ccf_jax.inference.generator import Generator
+  cfg = small_cfg()
+  cfg.model.vocab_size = 320  # The fixture tokenizer's; divisible by the tensor axis.
+  arch = arch_lib.get_arch(cfg)
+  params = jax.device_get(jax.jit(lambda: model_lib.init_params(
+      arch.module_config(cfg), 0, arch.module_cls), compiler_options=FAST)())
+  tok = os.path.join(os.path.dirname(__file__), 'fixtures', 'tokenizers', 'sp_ccf',
+                     'tokenizer.model')
+  exp = str(tmp_path / 'export')
+  export_lib.write_export(exp, params, cfg.to_dict(), files={'tokenizer.model': tok})
+  one, sharded = ec.load(exp), ec.load(exp, mesh_sizes=(2, 2, 2))
+  wq = sharded.params['decoder']['layers']['attn']['wq']
+  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor', None)
+  p = evaluate.section_params('quick', 'ppl', L, {'ppl': dict(docs=1, k_max_segments=1,
+                                                              stream_segments=2)})
+  a, b = _numbers(eval_ppl.run(one, p)), _numbers(eval_ppl.run(sharded, p))
+  assert len(a) > 10 and np.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+  prompts = ['To be, or not to be', 'Now is the winter']
+  single = Generator.from_export(exp).generate(prompts, 4)
+  on_mesh = Generator.from_export(exp, mesh_sizes=(2, 2, 2)).generate(prompts, 4)
+  assert [c.tokens for c in on_mesh] == [c.tokens for c in single]

@@ -194,6 +194,33 @@ def test_batched_generation_crossing_segments_and_stop_tokens():
     assert again.finish_reason[b] == ('stop' if b in first else 'length')
 
 
+@pytest.mark.parametrize('variant', ['ccf', 'full_attention'])
+def test_engine_on_a_mesh_equals_one_device(variant):
+  """Parameters placed on a (data 2, fsdp 2, tensor 2) mesh with the training rules: streamed
+  logits and greedy generation equal the single-device engine's, and the weights really are
+  sharded."""
+  from ccf_jax.core import config_lib, sharding
+  arch, ccf, opts, _, _ = VARIANTS[variant]
+  cfg = small_cfg(arch, **ccf)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+  mesh = sharding.make_mesh(cfg.mesh)
+  with pytest.raises(config_lib.ConfigError, match=r'embed.* \(61, 32\) .*61'):
+    inference.Engine(cfg, params_of(cfg), mesh=mesh)  # 61 rows cannot split across tensor=2.
+  cfg = small_cfg(arch, vocab=64, **ccf)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+  params = params_of(cfg)
+  single = inference.Engine(cfg, params, compiler_options=FAST, **opts)
+  engine = inference.Engine(cfg, params, compiler_options=FAST, mesh=mesh, **opts)
+  wq = engine.params['decoder' if variant == 'ccf' else 'layers']
+  wq = (wq['layers'] if variant == 'ccf' else wq)['attn']['wq']
+  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor', None)
+  docs = [DOC[0], DOC[1, :41]]  # Token ids < 61 <= 64.
+  for g, r in zip(engine.logits(docs), single.logits(docs)):
+    np.testing.assert_allclose(g, r, **TOL)
+  prompts = [DOC[0, :5], DOC[1, :20]]
+  assert engine.generate(prompts, 12).tokens == single.generate(prompts, 12).tokens
+
+
 def test_sampling_rules():
   logits = np.log(np.array([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]], np.float32))
   draw = jax.jit(jax.vmap(sampling.sample_tokens, in_axes=(None, 0, None, None, None)))
@@ -270,3 +297,47 @@ def test_generator_and_cli_from_an_export(tmp_path):
           f'--{k}={str(v).lower()}' for k, v in FAST.items())))
   assert done.returncode == 0, done.stderr[-2000:]
   assert json.loads((tmp_path / 'out.jsonl').read_text())['text'] == a.text
+
+
+def test_sliding_window_decoder_streams_like_its_forward():
+  """A plain decoder with model.sliding_window=5: prefill in chunks of 16 (keys of earlier chunks
+  leave the window) and token-by-token decoding give the logits of the Decoder's forward over the
+  whole sequence (itself checked against a naive windowed reference in test_model.py); a CCF
+  model with a window is refused."""
+  cfg = small_cfg('decoder')
+  cfg.model.sliding_window = 5
+  params = params_of(cfg)
+  engine = inference.Engine(cfg, params, prefill_chunk=16, compiler_options=FAST)
+  doc = DOC[0, :40]
+  forward = lambda c: np.asarray(jit(lambda p, t: model_lib.bind(c.model, p)(t))(params, doc[None]))
+  ref = forward(cfg)[0]
+  full = cfg.copy_and_resolve_references()
+  full.model.sliding_window = 0
+  assert np.abs(forward(full)[0, 5:] - ref[5:]).max() > 0.01  # The window matters.
+  np.testing.assert_allclose(engine.logits([doc])[0], ref, **TOL)
+  state, _ = engine.prefill([doc[:20]])
+  for s in range(20, 28):
+    state, _, logits = engine.decode(state, [doc[s]])
+    np.testing.assert_allclose(np.asarray(logits[0]), ref[s], **TOL, err_msg=f'position {s}')
+  ccf = small_cfg('ccf')
+  ccf.model.sliding_window = 5
+  with pytest.raises(InferenceError, match='sliding_window=5 is implemented for the plain'):
+    inference.Engine(ccf, {})
+
+
+def test_generator_from_an_export_with_a_tokenizer_json(tmp_path):
+  """An export whose tokenizer is a Hugging Face tokenizer.json (hf/ with its tokenizer_config.json)
+  loads for generation: its special ids, plain encoding, stops, eos kept when decoding."""
+  from ccf_jax import data
+  from ccf_jax.checkpoint import export as export_lib
+  from ccf_jax.inference.generator import Generator
+  src = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'tokenizers', 'bpe')
+  tok = data.load_tokenizer(src)
+  cfg = small_cfg(vocab=tok.vocab_size)
+  export_lib.write_export(tmp_path / 'export', params_of(cfg), cfg.to_dict(),
+                          files=export_lib.tokenizer_files(tok))
+  gen = Generator.from_export(str(tmp_path / 'export'), compiler_options=FAST)
+  assert gen.tokenizer.kind == 'hf' and gen.tokenizer.chat_template
+  assert gen.encode('To be') == tok.encode('To be')  # No bos token in this vocabulary.
+  assert gen.stop_ids(['\n']) == [tok.eos_id, *tok.encode('\n')]
+  assert gen.tokenizer.decode([*tok.encode('To be'), tok.eos_id]) == 'To be<|endoftext|>'

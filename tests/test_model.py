@@ -1,5 +1,7 @@
 """The decoder against an independent naive reference (plain jnp, unscanned, unsharded)."""
 
+import zlib
+
 import jax
 import numpy as np
 import pytest
@@ -23,7 +25,8 @@ def tiny_cfg(**kw):
 
 
 def naive_forward(p, cfg, tokens):
-  """Textbook Llama forward, one layer and one head at a time, no einsum tricks."""
+  """Textbook Llama forward, one layer and one head at a time, no einsum tricks (with Qwen2's
+  q/k/v biases and Mistral's sliding window when the config has them)."""
   def rms(x, w):
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * w
 
@@ -39,17 +42,21 @@ def naive_forward(p, cfg, tokens):
   pos = np.arange(length, dtype=np.float64)
   x = p['embed'][tokens]
   group = cfg.num_heads // cfg.num_kv_heads
+  i = np.arange(length)
+  visible = (i[:, None] >= i[None]) & (
+      (i[:, None] - i[None] < cfg.sliding_window) if cfg.sliding_window else True)
+  bias = lambda lp, name, head: lp['attn'][name][head] if cfg.qkv_bias else 0.0
   for li in range(cfg.num_layers):
     lp = jax.tree.map(lambda a: a[li], p['layers'])
     h = rms(x, lp['attn_norm']['scale'])
     out = np.zeros_like(x)
     for head in range(cfg.num_heads):
       kvh = head // group
-      q = rope(h @ lp['attn']['wq'][:, head], pos)
-      k = rope(h @ lp['attn']['wk'][:, kvh], pos)
-      v = h @ lp['attn']['wv'][:, kvh]
+      q = rope(h @ lp['attn']['wq'][:, head] + bias(lp, 'bq', head), pos)
+      k = rope(h @ lp['attn']['wk'][:, kvh] + bias(lp, 'bk', kvh), pos)
+      v = h @ lp['attn']['wv'][:, kvh] + bias(lp, 'bv', kvh)
       s = q @ k.T / np.sqrt(cfg.head_dim)
-      s = np.where(np.tril(np.ones((length, length))) > 0, s, -np.inf)
+      s = np.where(visible, s, -np.inf)
       a = np.exp(s - s.max(-1, keepdims=True))
       a /= a.sum(-1, keepdims=True)
       out += (a @ v) @ lp['attn']['wo'][head]
@@ -62,14 +69,19 @@ def naive_forward(p, cfg, tokens):
   return x @ head
 
 
-@pytest.mark.parametrize('tie,scan', [(False, True), (True, False)])
-def test_decoder_matches_naive_reference(tie, scan):
-  cfg = tiny_cfg(tie_embeddings=tie, scan_layers=scan)
+@pytest.mark.parametrize('tie,scan,window,bias', [(False, True, 0, False), (True, False, 0, False),
+                                                   (False, True, 4, True)])
+def test_decoder_matches_naive_reference(tie, scan, window, bias):
+  """Also a sliding window of 4 keys on 11 tokens and q/k/v biases (Mistral, Qwen2)."""
+  cfg = tiny_cfg(tie_embeddings=tie, scan_layers=scan, sliding_window=window, qkv_bias=bias)
   params = model_lib.init_params(cfg, seed=1)
-  # Perturb norm scales so they are not all ones (a bug ignoring them would pass otherwise).
+  # Perturb norm scales and biases so they are not all ones / zeros (a bug ignoring them would
+  # pass otherwise).
+  perturb = lambda path: any(k in str(path) for k in ("'scale'", "'bq'", "'bk'", "'bv'"))
   params = jax.tree_util.tree_map_with_path(
-      lambda path, a: a + 0.1 * jax.random.normal(jax.random.key(len(path)), a.shape)
-      if 'scale' in str(path) else a, params)
+      lambda path, a: a + 0.1 * jax.random.normal(jax.random.key(zlib.crc32(str(path).encode())),
+                                                  a.shape)
+      if perturb(path) else a, params)
   tokens = np.array(jax.random.randint(jax.random.key(0), (2, 11), 0, cfg.vocab_size))
   logits = jax.jit(lambda p, t: model_lib.bind(cfg, p)(t))(params, tokens)
   for b in range(2):

@@ -60,6 +60,34 @@ def test_tiny_plan_fits_and_adds_up(tiny_plan):
   plan_lib.check_fit(r)
   report = plan_lib.format_report(r)
   assert 'per device, analytic' in report and 'temporaries' in report
+  # The kernel the compiled step traced (auto: the CPU's choice at these sizes), and the policy.
+  assert r['attention'] == {'configured': 'auto', 'traced': {'xla': 2}}
+  assert r['precision'] == {'compute': 'float32', 'trainable': ['float32'],
+                            'optimizer_state': ['float32'], 'frozen': []}
+  assert 'attention traced: xla x2' in report and 'precision: compute float32' in report
+
+
+def test_attention_is_traced_for_the_target_platform():
+  """A TPU slice's step is compiled on this CPU host: `auto` must resolve to splash and splash
+  must lower its Mosaic kernels (not the interpreter), per device under shard_map (a Mosaic
+  call cannot be partitioned by XLA). Lowered for TPU here, no libtpu or TPU needed."""
+  from jax.sharding import AxisType
+  import jax.numpy as jnp
+  from ccf_jax.core import sharding
+  from ccf_jax.model import attention, spans
+  q, k = jnp.zeros((8, 128, 4, 16), jnp.bfloat16), jnp.zeros((8, 256, 2, 16), jnp.bfloat16)
+  mask = spans.prefix_causal(jnp.ones((8, 128), bool), 128)
+  assert attention.resolve('auto', q, k) == attention.cpu_choice(q, k)
+  with attention.target_platform('tpu'):
+    assert attention.resolve('auto', q, k) == 'splash'
+  loss = lambda q, k, v: attention.attend(q, k, v, mask, 'auto', 128).astype(jnp.float32).sum()
+  mesh = jax.make_mesh((8, 1, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  before = attention.CALLS['splash']
+  with sharding.use_mesh(mesh, base.get_config().mesh.rules), attention.target_platform('tpu'):
+    text = jax.jit(jax.grad(loss)).trace(q, k, k).lower(lowering_platforms=('tpu',)).as_text()
+  assert attention.CALLS['splash'] == before + 1
+  assert text.count('tpu_custom_call') == 3  # Forward, dq and dkv kernels.
+  assert 'sdy.manual_computation' in text or 'shard_map' in text
 
 
 def test_tensor_axis_shards_heads():
@@ -111,7 +139,7 @@ def llama2_7b():
   m = cfg.model
   m.vocab_size, m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 32000, 4096, 32, 32, 32
   m.head_dim, m.mlp_dim, m.remat_policy = 128, 11008, 'full'
-  m.param_dtype = m.dtype = 'bfloat16'
+  m.dtype = 'bfloat16'  # With float32 masters (model.param_dtype): the mixed-precision policy.
   cfg.data.seq_len, cfg.data.batch_size = 4096, 256
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 256, 1
   return cfg
@@ -121,10 +149,11 @@ def test_llama2_7b_analytic_on_v5e_256():
   r = plan_lib.plan(llama2_7b(), plan_lib.parse_topology('v5e:16x16'), compile='no')
   assert r['trainable_params'] == 6_738_415_616  # Llama-2-7B's published count.
   rows = r['analytic_bytes']
-  assert rows['trainable_params'] == pytest.approx(6_738_415_616 * 2 / 256, rel=1e-3)
+  assert rows['trainable_params'] == pytest.approx(6_738_415_616 * 4 / 256, rel=1e-3)
   assert rows['optimizer_state'] == pytest.approx(2 * rows['trainable_params'], rel=1e-3)
+  assert r['precision']['trainable'] == r['precision']['optimizer_state'] == ['float32']
   assert 'compiled_bytes' not in r and r['compiler'].startswith('not compiled')
-  plan_lib.check_fit(r)  # 0.2 GiB of state per chip: a lower bound that fits.
+  plan_lib.check_fit(r)  # 0.4 GiB of state per chip: a lower bound that fits.
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(REPO, 'experiments', 'ccf_llama2_7b_8x.py')),

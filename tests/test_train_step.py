@@ -67,6 +67,30 @@ def test_params_are_actually_sharded():
   assert mu.sharding.spec == wq.sharding.spec
 
 
+def test_pretrained_params_are_placed_sharded_not_compiled_in():
+  """Pretrained weights become sharded arguments of the init program, never its constants: its
+  text stays flat when the weights grow ~10x, where a closure over them grows with them."""
+  from ccf_jax.model import decoder as model_lib
+  sizes, closure_sizes = [], []
+  for d in (32, 128):
+    c = small_config(data=2, fsdp=2, tensor=2)
+    set_fields(c, 'model', d_model=d, mlp_dim=2 * d, head_dim=d // 4, vocab_size=512)
+    params = jax.device_get(model_lib.init_params(c.model, 3))
+    mesh = sharding.make_mesh(c.mesh)
+    with sharding.use_mesh(mesh, c.mesh.rules):
+      tx = optim.make_optimizer(c.train)
+      _, state_sh = ts.abstract_state_and_shardings(c, tx, mesh)
+      state = ts.init_state(c, tx, state_sh, params)
+      sizes.append(len(ts.jit_init_state(c, tx, state_sh).lower(params).as_text()))
+      closure_sizes.append(len(jax.jit(lambda: ts.init_state_fn(c, tx)(params)).lower().as_text()))
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(params)):
+      np.testing.assert_array_equal(a, b)
+    wq = state.params['layers']['attn']['wq']
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor', None)
+  assert closure_sizes[1] > 4 * closure_sizes[0], closure_sizes  # The measure can see weights.
+  assert sizes[1] < 1.2 * sizes[0], sizes
+
+
 def test_grad_accumulation_equals_one_big_batch():
   batches = [make_batch(small_config(), s) for s in range(2)]
   one = run_steps(small_config(data=1, num_devices=1), batches)

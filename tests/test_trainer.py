@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from ccf_jax.core import config_lib
 from ccf_jax.train import trainer
 from tests.ccf_testing import override, set_fields
 from experiments import tiny
@@ -76,7 +77,7 @@ def test_time_budget_stops_with_checkpoint(tmp_path, monkeypatch):
 
 
 def test_initialisation_priority(tmp_path):
-  """resume > init.from_checkpoint > init.params_only > init.from_hf > fresh, through the trainer.
+  """resume > init.from_checkpoint > init.params_only > fresh, through the trainer.
 
   Each lower-priority source is set to a path that does not exist, so using it would fail. A
   constant schedule keeps the compiled step independent of train.steps, so the first three runs
@@ -90,11 +91,11 @@ def test_initialisation_priority(tmp_path):
   exp = export.export(a, tmp_path / 'a_export')
   params_a = checkpoint.restore_params(os.path.join(a, 'checkpoints', '3'))[0]
 
-  # init.from_checkpoint beats params_only / from_hf and continues the step count.
+  # init.from_checkpoint beats params_only and continues the step count.
   b = str(tmp_path / 'b')
   c = small(train__steps=5, train__warmup_steps=1, train__decay='constant',
             init__from_checkpoint=os.path.join(a, 'checkpoints', '3'),
-            init__params_only=missing, init__from_hf=missing)
+            init__params_only=missing)
   c.train.log_every = 1
   trainer.train_and_evaluate(c, b)
   assert sorted(read_losses(b)) == [4, 5]
@@ -106,15 +107,29 @@ def test_initialisation_priority(tmp_path):
   assert trainer.train_and_evaluate(c, b)['final_step'] == 6
   assert sorted(read_losses(b)) == [4, 5, 6]
 
-  # init.params_only beats init.from_hf: a learning rate of 1e-30 (0 is rejected by validate)
-  # keeps the exported params to within 1e-20.
+  # init.params_only: a learning rate of 1e-30 (0 is rejected by validate) keeps the exported
+  # params to within 1e-20. With init.from_hf set as well, the run would be ambiguous: an error.
   d = str(tmp_path / 'd')
   c = small(train__steps=1, train__warmup_steps=0, train__lr=1e-30, init__params_only=str(exp),
             init__from_hf=missing)
+  with pytest.raises(config_lib.ConfigError, match='both set.*--config.init.params_only='):
+    trainer.train_and_evaluate(c, d)
+  c.init.from_hf = ''
+  # Another tokenizer than the export's is refused before any step.
+  c.data.tokenizer = os.path.join(ROOT, 'tests', 'fixtures', 'tokenizers', 'bpe', 'tokenizer.json')
+  with pytest.raises(trainer.data_lib.TokenizerError, match='is not the tokenizer of '
+                     'init.params_only=.*Fix: --config.data.tokenizer='):
+    trainer.train_and_evaluate(c, d)
+  assert not os.path.exists(os.path.join(d, 'metrics.jsonl'))
+  c.data.tokenizer = ''  # The export's (recorded in its export_info.json) is used.
   trainer.train_and_evaluate(c, d)
   params_d = checkpoint.restore_params(os.path.join(d, 'checkpoints', '1'))[0]
   for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_d)):
     np.testing.assert_allclose(x, y, rtol=0, atol=1e-20)
+  recorded = json.load(open(os.path.join(exp, 'export_info.json')))['tokenizer']
+  assert recorded['kind'] == 'sentencepiece' and recorded['vocab_size'] == 512
+  used = checkpoint.read_json_item(os.path.join(d, 'checkpoints', '1'), checkpoint.CONFIG)
+  assert used['data']['tokenizer'] == os.path.join(str(exp), 'tokenizer.model')
 
 
 # ---------------------------------------------------------------------------------- resume

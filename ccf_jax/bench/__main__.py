@@ -11,8 +11,15 @@ Subcommands (one module each; a subcommand's own flags are defined by its module
               (`bench/signal.py`).
   passkey     passkey training of CCF and segment_local (`bench/signal.py`).
   decode      prefill and per-token decode time against context (`bench/decode.py`).
+  prefill     plain-decoder prefill tokens/s against prompt length, of an export or a config
+              (`bench/decode.py`).
   efficiency  the efficiency evaluation's tables (`eval/efficiency.py`).
   peer        the train step against PyTorch + transformers on the same shapes (`bench/peer.py`).
+  profile     the train step's time per operation, by kind and by model component, from a
+              jax.profiler trace (`bench/profile.py`).
+  device_check  one JSON report of an accelerator: attention errors, ~1B train steps with MFU,
+              CCF against full attention, prefill and decode (`bench/device_check.py`;
+              `launch/device_check.sh`).
 """
 
 from __future__ import annotations
@@ -41,8 +48,11 @@ SUBCOMMANDS = {
     'signal': 'ccf_jax.bench.signal:bench_signal',
     'passkey': 'ccf_jax.bench.signal:bench_passkey',
     'decode': 'ccf_jax.bench.decode:bench_decode',
+    'prefill': 'ccf_jax.bench.decode:bench_prefill',
     'efficiency': 'ccf_jax.eval.efficiency:bench_efficiency',
     'peer': 'ccf_jax.bench.peer:bench_peer',
+    'profile': 'ccf_jax.bench.profile:bench_profile',
+    'device_check': 'ccf_jax.bench.device_check:device_check',
 }
 
 

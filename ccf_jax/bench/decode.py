@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import time
 
+from absl import flags
 from absl import logging
 import jax
 import ml_collections
@@ -152,4 +153,41 @@ def bench_decode(config) -> list:
                  'speedup': round(speedup, 2), 'target_met': speedup >= 3.0})
   rows += [{'bench': 'decode_compiles', 'model': name, **e.compile_counts,
             'compile_s': round(e.compile_seconds, 2)} for name, e in models.items()]
+  return rows
+
+
+_PREFILL_EXPORT = flags.DEFINE_string(
+    'prefill_export', None, 'bench prefill: an export (e.g. a converted SmolLM2-135M) whose '
+    'params and model fields to use; default: random params with --config\'s model fields.')
+_PREFILL_LENGTHS = flags.DEFINE_list('prefill_lengths', ['512', '1024', '2048', '4096'],
+                                     'bench prefill: prompt lengths in tokens.')
+
+
+def bench_prefill(config) -> list:
+  """Plain-decoder prefill tokens/s against prompt length (`python -m ccf_jax.bench prefill
+  [--prefill_export=EXPORT] [--prefill_lengths=512,1024,...]`): one batch-1 prompt read in
+  `prefill_chunk` chunks over a growing cache, compilation excluded (`_time_prefill`). Time per
+  token should grow no faster than the attended context; a jump says a path fell off the blocked
+  attention."""
+  if _PREFILL_EXPORT.value:
+    from ccf_jax.checkpoint import export as export_lib
+    params, cfg_dict, _ = export_lib.load_export(_PREFILL_EXPORT.value)
+    cfg = ml_collections.ConfigDict(cfg_dict)
+  else:
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    params = None
+  lengths = [int(x) for x in _PREFILL_LENGTHS.value]
+  cfg.model.arch = 'decoder'
+  cfg.model.max_position = max(cfg.model.max_position, max(lengths))
+  if params is None:
+    params = jax.jit(lambda: model_lib.init_params(cfg.model, 0))()
+  engine = Engine(cfg, params)
+  rng = np.random.default_rng(0)
+  rows = []
+  for n in lengths:
+    seconds, _ = _time_prefill(engine, rng.integers(4, cfg.model.vocab_size, n).astype(np.int32))
+    rows.append({'bench': 'prefill', 'model': _PREFILL_EXPORT.value or config.name, 'tokens': n,
+                 'attention_impl': cfg.model.attention_impl, 'prefill_s': round(seconds, 3),
+                 'tokens_per_s': round(n / seconds, 1)})
+    logging.info('bench prefill: %s', rows[-1])
   return rows

@@ -187,7 +187,7 @@ def from_base_params(cfg, base: dict) -> dict:
                                               cfg.ccf.memory_init_token)
   params = {'decoder': base, 'adapter': adapter}
   if separate_encoder(cfg.ccf):
-    params['encoder'] = {'layers': jax.tree.map(jnp.array, base['layers'])}
+    params['encoder'] = {'layers': jax.tree.map(lambda a: a.copy(), base['layers'])}
   return params
 
 

@@ -9,8 +9,13 @@ An export directory holds:
   config.json        the training config (from the checkpoint's `config` item), so a loader can
                      rebuild the model without the original experiment file.
   tokenizer.model    the sentencepiece model the run used (plus tokenizer.json if it had a sidecar),
-                     so token ids in the export always mean what they meant in training.
-  export_info.json   step, source checkpoint, versions and per-array checksums of params.
+                     so token ids in the export always mean what they meant in training;
+  hf/tokenizer.json  or, for a run on a Hugging Face tokenizer, that file with its
+                     tokenizer_config.json (special tokens, chat template) and
+                     special_tokens_map.json.
+  export_info.json   step, source checkpoint, versions, per-array checksums of params, and
+                     `tokenizer`: kind ('sentencepiece' | 'hf'), file, sha256, vocab size and
+                     special ids, so that a run starting from the export can refuse another one.
 
 Why it is built this way:
   * Params are restored with Orbax partial restore to host numpy, so exporting needs neither the
@@ -38,9 +43,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ccf_jax import checkpoint as ckpt_lib
+from ccf_jax.data import hf_tokenizer as hf_tok_lib
+from ccf_jax.data import tokenizer as tok_lib
 
 PARAMS, CONFIG_JSON, INFO_JSON = 'params', 'config.json', 'export_info.json'
 TOKENIZER_MODEL, TOKENIZER_JSON = 'tokenizer.model', 'tokenizer.json'
+HF_TOKENIZER = 'hf/tokenizer.json'  # Never top-level: tokenizer.json is the sidecar above.
+HF_TOKENIZER_SIDE_FILES = (hf_tok_lib.CONFIG_FILE, 'special_tokens_map.json')
 FORMAT_VERSION = 1
 
 
@@ -77,8 +86,44 @@ def _resolve_tokenizer(config, metadata, override, step_dir) -> Optional[epath.P
   if candidates:
     raise ExportError(
         f'The tokenizer recorded for {step_dir} does not exist: {", ".join(candidates)}. Fix: pass '
-        '--tokenizer=PATH/TO/tokenizer.model (the sentencepiece model the run trained with).')
+        '--tokenizer=PATH (the tokenizer.model or tokenizer.json the run trained with).')
   return None
+
+
+def tokenizer_files(tok) -> dict:
+  """{name inside an export: source file} for a loaded tokenizer (`tok_lib.load_tokenizer`)."""
+  src = epath.Path(tok.model_path)
+  if tok.kind == tok_lib.SENTENCEPIECE:
+    files = {TOKENIZER_MODEL: src}
+    side = _sidecar(src)
+    if side is not None:
+      files[TOKENIZER_JSON] = side
+    return files
+  files = {HF_TOKENIZER: src}
+  for name in HF_TOKENIZER_SIDE_FILES:
+    if (src.parent / name).exists():
+      files[f'{epath.Path(HF_TOKENIZER).parent}/{name}'] = src.parent / name
+  return files
+
+
+def tokenizer_of(path) -> tuple[Optional[str], Optional[dict]]:
+  """(tokenizer file, recorded identity) of an export, without reading its parameters.
+
+  The identity is export_info.json's `tokenizer` entry (kind, file, sha256, vocab size, special
+  ids); exports written before it was recorded give their file's identity, computed here."""
+  path = _existing(path)
+  info_path = path / INFO_JSON
+  info = _read_json(info_path, 'export info', path) if info_path.exists() else {}
+  rec = info.get('tokenizer') if isinstance(info.get('tokenizer'), dict) else None
+  names = ([rec['file']] if rec and rec.get('file') else []) + [TOKENIZER_MODEL, HF_TOKENIZER]
+  for name in names:
+    if (path / name).is_file():
+      file = str(path / name)
+      if not rec or not rec.get('sha256'):
+        tok = tok_lib.load_tokenizer(file)
+        rec = dict(tok.record(), file=name)
+      return file, rec
+  return None, None
 
 
 # -------------------------------------------------------------------------------------- export
@@ -158,22 +203,25 @@ def export(src, out_dir, step: Optional[int] = None, *, tokenizer: Optional[str]
         raise
       logging.warning('Checkpoint %s is corrupt (%s); exporting the previous one instead.',
                       step_dir, e)
-  tok = _resolve_tokenizer(config, metadata, tokenizer, step_dir)
-  if tok is None and require_tokenizer:
+  tok_path = _resolve_tokenizer(config, metadata, tokenizer, step_dir)
+  if tok_path is None and require_tokenizer:
     raise ExportError(
         f'No tokenizer is recorded for {step_dir} (neither metadata extra["tokenizer_path"] nor '
-        'config data.tokenizer). Fix: pass --tokenizer=PATH/TO/tokenizer.model, or '
-        '--norequire_tokenizer to export params and config only.')
-  files = {}
-  if tok is not None:
-    files[TOKENIZER_MODEL] = tok
-    side = _sidecar(tok)
-    if side is not None:
-      files[TOKENIZER_JSON] = side
+        'config data.tokenizer). Fix: pass --tokenizer=PATH (the tokenizer.model or '
+        'tokenizer.json the run trained with), or --norequire_tokenizer to export params and '
+        'config only.')
+  files, record = {}, None
+  if tok_path is not None:
+    tok = tok_lib.load_tokenizer(str(tok_path))
+    vocab = (config.get('model') or {}).get('vocab_size')
+    if vocab is not None:
+      tok_lib.check_vocab(tok, int(vocab), f'the tokenizer {tok_path} of {step_dir}', exact=False)
+    files = tokenizer_files(tok)
+    record = dict(tok.record(), file=next(iter(files)))
   info = {'step': metadata.get('step'), 'source': str(step_dir),
           'tokens_seen': metadata.get('tokens_seen'),
-          'tokenizer_source': str(tok) if tok is not None else None,
-          'train_versions': metadata.get('versions')}
+          'tokenizer_source': str(tok_path) if tok_path is not None else None,
+          'tokenizer': record, 'train_versions': metadata.get('versions')}
   write_export(out_dir, params, config, files=files, info=info, overwrite=overwrite)
   logging.info('Exported step %s of %s to %s (%d params).', info['step'], step_dir, out_dir,
                sum(np.size(x) for x in jax.tree.leaves(params)))
@@ -192,16 +240,23 @@ def _read_json(path: epath.Path, what: str, export_dir) -> dict:
                       f'{export_cmd(export_dir)} --overwrite.') from e
 
 
-def load_export(path, abstract_params=None):
-  """(params, config_dict, tokenizer_path or None) from an export directory.
-
-  Without `abstract_params` the params are host numpy arrays. With a pytree of ShapeDtypeStruct
-  (with `.sharding`) they are restored directly with those shardings (and cast to those dtypes).
-  """
+def _existing(path) -> epath.Path:
   path = ckpt_lib.abspath(path)
   if not path.exists():
     raise ExportError(f'Export directory {path} does not exist. Fix: create it from a training '
                       f'run with {export_cmd(path)}.')
+  return path
+
+
+def load_export(path, abstract_params=None):
+  """(params, config_dict, tokenizer_path or None) from an export directory. The tokenizer is
+  a sentencepiece .model or a Hugging Face tokenizer.json (`tokenizer_of`); load it with
+  `ccf_jax.data.load_tokenizer`.
+
+  Without `abstract_params` the params are host numpy arrays. With a pytree of ShapeDtypeStruct
+  (with `.sharding`) they are restored directly with those shardings (and cast to those dtypes).
+  """
+  path = _existing(path)
   if not (path / PARAMS).exists():
     hint = ''
     if (path / ckpt_lib.CHECKPOINTS_SUBDIR).exists() or ckpt_lib.is_step_dir(path):
@@ -234,8 +289,30 @@ def load_export(path, abstract_params=None):
                                 str(path / PARAMS), saved_dtypes)
   except ckpt_lib.CorruptCheckpointError as e:
     raise ExportError(f'{e} Fix: re-export with {export_cmd(path)} --overwrite.') from e
-  tok = path / TOKENIZER_MODEL
-  return params, config, (str(tok) if tok.exists() else None)
+  return params, config, tokenizer_of(path)[0]
 
 
 # ----------------------------------------------------------------------------------------- CLI
+
+
+def load_export_sharded(path, mesh_sizes):
+  """(params, config dict, tokenizer path, mesh): the export restored straight into the
+  parameter shardings of a (data, fsdp, tensor) = `mesh_sizes` mesh over all devices, with the
+  rule table the run trained with (config.mesh.rules), so an export larger than one device (or
+  one host's memory) is read already split. The returned config dict records that mesh."""
+  import ml_collections
+  from ccf_jax import registry
+  from ccf_jax.core import sharding
+  from ccf_jax.model import decoder as model_lib
+  path = _existing(path)
+  config = ml_collections.ConfigDict(_read_json(path / CONFIG_JSON, 'training config', path))
+  m = config.mesh
+  m.data, m.fsdp, m.tensor = (int(x) for x in mesh_sizes)
+  m.num_devices, m.distributed = 0, False
+  mesh = sharding.make_mesh(m)
+  arch = registry.get_arch(config)
+  shapes = model_lib.abstract_params(arch.module_config(config), arch.module_cls)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          shapes, registry.param_shardings(config, mesh))
+  params, _, tok = load_export(path, abstract)
+  return params, config.to_dict(), tok, mesh

@@ -4,6 +4,7 @@ async atomic saves, and `restore_or_init` (resume from the first good checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import json
@@ -27,6 +28,27 @@ from ccf_jax.checkpoint.restore import (RestoreInfo, restore_first_good, restore
 
 
 # --------------------------------------------------------------------------------- the manager
+@dataclasses.dataclass
+class LastGood(ocp.checkpoint_managers.PreservationPolicy):
+  """Orbax preservation policy: keep the newest checkpoint at or before `good_step`.
+
+  A checkpoint's parameters are known good only once a later step has computed a loss on them
+  (the loss of step s+1 is that of the state saved at s), so the newest checkpoint may still turn
+  out to hold a diverged state. `keep_last` alone would then already have rotated out the one
+  before it; with this policy beside it (Orbax keeps a step when any policy does) the newest
+  validated checkpoint stays until a newer one is validated, which costs at most one extra
+  checkpoint on disk, for one step. The trainer moves `good_step` forward as losses arrive; a
+  restored checkpoint starts as good. `good_step` None keeps nothing.
+  """
+  good_step: Optional[int] = None
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    good = self.good_step
+    kept = max((c.step for c in checkpoints if good is not None and c.step <= good), default=None)
+    return [c.step == kept for c in checkpoints]
+
+
 def _versions() -> dict:
   import flax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
@@ -65,7 +87,8 @@ class CheckpointManager:
 
   Policies come from `config.checkpoint`: `every` (save cadence; <= 0 saves only when forced),
   `keep_last` (newest N kept; <= 0 keeps all), `keep_every` (also keep every K-th step; 0 = off)
-  and `async_save`. Keyword arguments override the config (handy in tests and tools).
+  and `async_save`. Keyword arguments override the config (handy in tests and tools). Whatever
+  they say, the last checkpoint marked good (`mark_good`, `LastGood`) is never rotated out.
   """
 
   def __init__(self, workdir, config=None, *, every=None, keep_last=None, keep_every=None,
@@ -82,10 +105,17 @@ class CheckpointManager:
     for tmp in sorted(self.directory.glob(f'*{ocp.step.TMP_DIR_SUFFIX}*')):
       logging.warning('Found %s, an interrupted save (the process died mid-write). It was never a '
                       'valid checkpoint and is ignored; Orbax deletes it now.', tmp)
-    policies = [ocp.checkpoint_managers.LatestN(self.keep_last if self.keep_last > 0 else None)]
+    self.last_good = LastGood()
+    policies = [ocp.checkpoint_managers.LatestN(self.keep_last if self.keep_last > 0 else None),
+                self.last_good]
     if self.keep_every > 0:
       policies.append(ocp.checkpoint_managers.EveryNSteps(self.keep_every))
+    # Step directories are created in the calling thread: created in Orbax's background threads,
+    # a directory that fails (read-only or full file system between `check_storage` and the save)
+    # leaves the threads waiting for its signal, and the save blocks until Orbax's timeout
+    # (minutes) instead of raising. The creation costs a few mkdirs per save.
     options = ocp.CheckpointManagerOptions(
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         enable_async_checkpointing=self.async_save,
         cleanup_tmp_directories=True,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
@@ -108,6 +138,17 @@ class CheckpointManager:
 
   def step_dir(self, step: int) -> epath.Path:
     return self.directory / str(step)
+
+  def mark_good(self, step: int):
+    """The state of `step` is known good (a loss computed on it was in bounds): the newest
+    checkpoint at or before it is protected from rotation from the next save on."""
+    self.last_good.good_step = max(int(step), self.last_good.good_step or 0)
+
+  def good_checkpoint(self) -> Optional[int]:
+    """The step of the protected last good checkpoint on disk, or None."""
+    good = self.last_good.good_step
+    steps = [s for s in self.all_steps() if good is not None and s <= good]
+    return max(steps) if steps else None
 
   def should_save(self, step: int, force: bool = False) -> bool:
     """Step 0 (a fresh init, reproducible from the seed) is saved only when forced."""
@@ -157,8 +198,11 @@ class CheckpointManager:
     tracebacks. A probe file and the state's size against the free space catch both first."""
     self._manager.wait_until_finished()  # The previous save's bytes count as used.
     probe = self.directory / f'.write_probe.{platform.node()}.{os.getpid()}'
-    probe.write_bytes(b'0')  # OSError with the errno and the path.
-    probe.unlink()
+    try:
+      probe.write_bytes(b'0')
+      probe.unlink()
+    except OSError as e:  # The errors name the directory, not the probe file.
+      raise OSError(e.errno, e.strerror, str(self.directory)) from e
     needed = sum(int(getattr(x, 'nbytes', 0)) for x in jax.tree.leaves(state))
     try:
       free = shutil.disk_usage(str(self.directory)).free
@@ -215,6 +259,7 @@ class CheckpointManager:
     self._manager.reload()  # Quarantined steps must leave Orbax's cached step list.
     if state is not None:
       logging.info('Resumed: %s', result)
+      self.mark_good(step)  # What a run resumes from is its best knowledge of a good state.
       return state, step, result
     if result and not allow_fresh_start:
       moved = ', '.join(d['moved_to'] or d['path'] for d in result)

@@ -76,8 +76,11 @@ def max_relative_position(ccf_cfg, num_segments: int) -> int:
   return max(decoder, l + 1)
 
 
-def validate(cfg, num_devices: int | None = None) -> ml_collections.ConfigDict:
-  """Raises ConfigError on any inconsistency; returns cfg (unchanged) for chaining."""
+def validate(cfg, num_devices: int | None = None, *,
+             training: bool = True) -> ml_collections.ConfigDict:
+  """Raises ConfigError on any inconsistency; returns cfg (unchanged) for chaining. `training`:
+  the config will be trained (the precision policy applies); False for a stored model's config
+  (an export converted from a bfloat16 checkpoint)."""
   _check_known(cfg, _schema())
   m, d, t, x = cfg.model, cfg.data, cfg.train, cfg.ccf
   _require(m.arch in ARCHS, f'model.arch={m.arch!r}; choose one of {ARCHS}.')
@@ -88,9 +91,12 @@ def validate(cfg, num_devices: int | None = None) -> ml_collections.ConfigDict:
   _require(m.head_dim % 2 == 0, f'model.head_dim={m.head_dim} must be even for rotary embeddings.')
   _require(m.param_dtype in ('float32', 'bfloat16') and m.dtype in ('float32', 'bfloat16'),
            'model.param_dtype and model.dtype must be float32 or bfloat16.')
+  if training:
+    _check_precision(cfg)
   _require(m.remat_policy in REMAT_POLICIES,
            f'model.remat_policy={m.remat_policy!r}; choose one of {REMAT_POLICIES}.')
   _check_attention(m)
+  _check_positions(m)
   _require(d.mode in ('packed', 'windows'), f"data.mode={d.mode!r}; choose 'packed' or 'windows'.")
   _require(d.task in ('', 'passkey'), f"data.task={d.task!r}; choose '' (corpus text) or 'passkey'.")
   _require(d.passkey_score in ('answer', 'all'),
@@ -109,8 +115,16 @@ def validate(cfg, num_devices: int | None = None) -> ml_collections.ConfigDict:
   _require(window_len(cfg) <= m.max_position or m.arch in ('ccf', 'segment_local'),
            f'a window of {window_len(cfg)} tokens exceeds model.max_position={m.max_position}. '
            f'Fix: shorten data.seq_len or raise model.max_position.')
+  _require(not (cfg.init.params_only and cfg.init.from_hf),
+           f'init.params_only={cfg.init.params_only!r} and init.from_hf={cfg.init.from_hf!r} are '
+           'both set, but a run starts from one pretrained model (experiments such as tiny_ccf.py '
+           'set init.params_only). Fix: --config.init.params_only= to start from init.from_hf, or '
+           '--config.init.from_hf= to start from the export.')
   _require(t.decay in ('cosine', 'linear', 'constant'), f'train.decay={t.decay!r}; cosine|linear|constant.')
   _require(t.nonfinite in ('skip', 'stop'), f"train.nonfinite={t.nonfinite!r}; 'skip' or 'stop'.")
+  _require(t.get('peak_flops_per_device', 0.0) >= 0,
+           f'train.peak_flops_per_device={t.get("peak_flops_per_device")} must be >= 0 (0 = from '
+           'the device kind). Fix: the dense bf16 FLOP/s of one device, e.g. 989e12 for an H100.')
   _require(t.grad_accum >= 1 and d.batch_size % t.grad_accum == 0,
            f'data.batch_size={d.batch_size} must be divisible by train.grad_accum={t.grad_accum}.')
   _require(t.steps > 0, f'train.steps={t.steps}: train.steps must be > 0. Fix: '
@@ -120,6 +134,13 @@ def validate(cfg, num_devices: int | None = None) -> ml_collections.ConfigDict:
   _require(math.isfinite(t.lr) and t.lr > 0,
            f'train.lr={t.lr}: the learning rate must be finite and > 0. Fix: '
            '--config.train.lr=3e-4 (or another positive value).')
+  _require(t.max_update_ratio == 0 or (math.isfinite(t.max_update_ratio) and t.max_update_ratio > 0),
+           f'train.max_update_ratio={t.max_update_ratio} must be finite and > 0, or 0 (off). Fix: '
+           '--config.train.max_update_ratio=1.0.')
+  _require(t.divergence_factor == 0 or (math.isfinite(t.divergence_factor)
+                                        and t.divergence_factor > 1),
+           f'train.divergence_factor={t.divergence_factor} must be finite and > 1 (a loss that many '
+           'times its best is divergence), or 0 (off). Fix: --config.train.divergence_factor=3.0.')
   if m.arch in ('ccf', 'segment_local', 'full_attention'):
     _check_ccf(cfg)
   if num_devices is not None:
@@ -156,6 +177,60 @@ def _check_attention(m):
   _require(m.attention_impl != 'splash' or m.attention_block % 128 == 0,
            f"model.attention_impl='splash' needs model.attention_block={m.attention_block} to be a "
            'multiple of 128 (the kernel computes key blocks of 128 lanes). Fix: 128 or 512.')
+
+
+# ---- model.param_dtype, model.dtype: the precision policy --------------------------------------
+
+
+def base_trains(cfg) -> bool:
+  """Whether the decoder's own weights (stored in model.param_dtype) are trained: everywhere but
+  CCF's adapter mode, whose trainable adapter parameters are float32 always."""
+  return not (cfg.model.arch == 'ccf' and cfg.ccf.mode == 'adapter')
+
+
+def _check_precision(cfg):
+  """Mixed precision is model.param_dtype=float32 (master weights; AdamW's moments take their
+  dtype) with model.dtype=bfloat16 (compute). bfloat16 parameters that the optimizer updates are
+  bfloat16 masters and moments: an update smaller than 2^-8 of a weight rounds away, so training
+  stalls at small learning rates. That needs train.bf16_master_weights; a frozen bfloat16 base
+  (ccf.mode=adapter) does not."""
+  m = cfg.model
+  _require(m.param_dtype != 'bfloat16' or not base_trains(cfg)
+           or cfg.train.get('bf16_master_weights', False),
+           f'model.param_dtype=bfloat16 trains bfloat16 master weights and AdamW moments '
+           f'(model.arch={m.arch!r}{"" if m.arch == "decoder" else f", ccf.mode={cfg.ccf.mode!r}"}'
+           '): updates below 2^-8 of a weight are lost. Fix: --config.model.param_dtype=float32 '
+           '--config.model.dtype=bfloat16 (float32 masters, bfloat16 compute), or '
+           '--config.train.bf16_master_weights=True to accept bfloat16 masters.')
+
+
+# ---- model.rope_scaling, model.sliding_window (model/layers.py, model/spans.py) -----------------
+ROPE_TYPES = ('llama3', 'linear', 'yarn')  # model/layers.rope_frequencies implements them.
+
+
+def _check_positions(m):
+  """Rope scaling of a kind the model implements, with its keys; a sliding window only where the
+  attention honours it: the plain decoder. CCF's decoder reads [memory rows ; tokens] and a window
+  over memory rows is not defined, so it is refused rather than ignored."""
+  scaling = dict(m.rope_scaling or {})
+  if scaling.get('factor'):
+    kind = scaling.get('rope_type', 'llama3')
+    _require(kind in ROPE_TYPES, f'model.rope_scaling.rope_type={kind!r}; choose one of '
+             f'{ROPE_TYPES} (or an empty model.rope_scaling for none).')
+    _require(float(scaling['factor']) > 0, f'model.rope_scaling.factor={scaling["factor"]} must '
+             'be > 0.')
+    _require(kind != 'yarn' or scaling.get('original_max_position_embeddings'),
+             f"model.rope_scaling (rope_type {kind!r}) needs original_max_position_embeddings "
+             '(the pretraining context). Fix: --config.model.rope_scaling.'
+             'original_max_position_embeddings=N.')
+  window = m.get('sliding_window', 0)
+  _require(isinstance(window, int) and window >= 0,
+           f'model.sliding_window={window!r} must be an integer >= 0 (0 = no window).')
+  _require(not window or m.arch == 'decoder',
+           f'model.sliding_window={window} is implemented for the plain decoder only, but '
+           f'model.arch={m.arch!r} attends over memory rows or whole windows. Fix: '
+           '--config.model.sliding_window=0 (with ccf.segment_len <= the window, a segment\'s '
+           'own tokens are all within it anyway).')
 # -------------------------------------------------------------------------------------------------
 
 

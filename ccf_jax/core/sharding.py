@@ -50,6 +50,20 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)  # type: ignore[return-value]
 
 
+def parse_mesh_flag(text: str) -> tuple[int, int, int] | None:
+  """`--mesh=DATA,FSDP,TENSOR` (one may be -1: the rest of the devices) -> sizes; '' -> None."""
+  if not text:
+    return None
+  try:
+    sizes = tuple(int(x) for x in text.split(','))
+  except ValueError:
+    sizes = ()
+  if len(sizes) != 3:
+    raise MeshError(f'--mesh={text}: expected three sizes DATA,FSDP,TENSOR (e.g. --mesh=1,-1,1 '
+                    'shards the parameters FSDP over every device).')
+  return sizes  # type: ignore[return-value]
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """Builds the (data, fsdp, tensor) mesh with Auto axis types (GSPMD propagation)."""
   all_devices = list(devices if devices is not None else jax.devices())

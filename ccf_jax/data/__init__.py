@@ -1,4 +1,5 @@
-"""ccf_jax data: corpora, sentencepiece tokenizers and the grain input pipeline.
+"""ccf_jax data: corpora, tokenizers (sentencepiece or Hugging Face tokenizer.json) and the grain
+input pipeline.
 
 Public interface (other modules call exactly these):
   make_train_iter(config, split, process_index=0, process_count=1) -> iterator of batches
@@ -8,11 +9,12 @@ Public interface (other modules call exactly these):
       is padded with loss_mask-0 rows (num_valid_segments 0). These three keys are BATCH_KEYS;
       passkey training with data.passkey_ae_key adds 'ae_segment' int32[B] and 'ae_mask'
       float32[B, L]. A grain DatasetIterator: checkpoint it with get_state()/set_state() or grain.checkpoint.CheckpointSave/Restore.
-  load_or_train_tokenizer(config) -> Tokenizer
+  load_or_train_tokenizer(config) -> TokenizerBase (data.tokenizer, or one trained on the corpus)
+  load_tokenizer(path, vocab_size=None) -> TokenizerBase (a .model, a tokenizer.json, a directory)
   load_documents(config, split) -> list[str]
   DataError (a ValueError)
 Also: make_pipeline (the grain dataset plus counts such as skipped short documents),
-load_tokenizer, train_tokenizer, Tokenizer.
+train_tokenizer, check_vocab, Tokenizer (sentencepiece), HFTokenizer, TokenizerError.
 """
 
 from ccf_jax.data.cache import DataError
@@ -23,13 +25,18 @@ from ccf_jax.data.pipeline import example_length
 from ccf_jax.data.pipeline import make_pipeline
 from ccf_jax.data.pipeline import make_train_iter
 from ccf_jax.data.pipeline import Pipeline
+from ccf_jax.data.hf_tokenizer import HFTokenizer
+from ccf_jax.data.tokenizer import check_vocab
 from ccf_jax.data.tokenizer import load_or_train_tokenizer
 from ccf_jax.data.tokenizer import load_tokenizer
 from ccf_jax.data.tokenizer import Tokenizer
 from ccf_jax.data.tokenizer import train_tokenizer
+from ccf_jax.data.tokenizer_base import TokenizerBase
+from ccf_jax.data.tokenizer_base import TokenizerError
 
 __all__ = [
-    'BATCH_KEYS', 'DataError', 'data_dir', 'example_length', 'load_documents', 'load_or_train_tokenizer',
-    'load_tokenizer', 'make_pipeline', 'make_train_iter', 'Pipeline', 'Tokenizer',
+    'BATCH_KEYS', 'check_vocab', 'DataError', 'data_dir', 'example_length', 'HFTokenizer',
+    'load_documents', 'load_or_train_tokenizer', 'load_tokenizer', 'make_pipeline',
+    'make_train_iter', 'Pipeline', 'Tokenizer', 'TokenizerBase', 'TokenizerError',
     'train_tokenizer',
 ]

@@ -76,7 +76,7 @@ class TokenStore:
 
 
 def token_store(spec: corpus_lib.CorpusSpec, split: str, config,
-                tok: tokenizer_lib.Tokenizer) -> TokenStore:
+                tok: tokenizer_lib.TokenizerBase) -> TokenStore:
   """Loads the cached token arrays of a split, tokenising the documents on first use."""
   key = cache.hash_strings([_TOKENS_VERSION, corpus_lib.fingerprint(spec, split, config),
                             tok.sha256])
@@ -289,7 +289,7 @@ def example_length(config) -> int:
   return int(config.data.seq_len)
 
 
-def build_sources(config, split: str, tok: Optional[tokenizer_lib.Tokenizer] = None):
+def build_sources(config, split: str, tok: Optional[tokenizer_lib.TokenizerBase] = None):
   """(ExampleSource per corpus, weights, info) for a split; no padding yet."""
   d, train = config.data, split == 'train'
   tok = tok or tokenizer_lib.load_or_train_tokenizer(config)
@@ -321,7 +321,7 @@ def build_sources(config, split: str, tok: Optional[tokenizer_lib.Tokenizer] = N
   return sources, weights, info
 
 
-def passkey_sources(config, split: str, tok: tokenizer_lib.Tokenizer):
+def passkey_sources(config, split: str, tok: tokenizer_lib.TokenizerBase):
   """`data.task='passkey'`: synthetic passkey windows (ccf_jax.tasks.passkey.PasskeySource)
   instead of corpus text; the corpus still trains the tokenizer. Train is an endless seeded
   stream with the curriculum; evaluation splits hold train.eval_batches batches of full windows
@@ -345,11 +345,11 @@ class Pipeline:
   """A built pipeline: the grain dataset (iterate it for batches) and what went into it."""
   dataset: grain.IterDataset
   info: dict
-  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer: tokenizer_lib.TokenizerBase
 
 
 def make_pipeline(config, split: str, process_index: int = 0, process_count: int = 1,
-                  tok: Optional[tokenizer_lib.Tokenizer] = None,
+                  tok: Optional[tokenizer_lib.TokenizerBase] = None,
                   eval_shuffle: bool = True) -> Pipeline:
   """Builds the grain pipeline of a split for one process (see the module docstring).
 

@@ -1,4 +1,9 @@
-"""SentencePiece tokenizers: offline training, loading, special ids, exact round trip.
+"""Tokenizers: loading any kind (`load_tokenizer`), and sentencepiece's training, special ids,
+exact round trip.
+
+`load_tokenizer(path)` is the one loader: a sentencepiece `.model` gives `Tokenizer` (below), a
+Hugging Face `tokenizer.json` gives `ccf_jax.data.hf_tokenizer.HFTokenizer`; both implement
+`ccf_jax.data.tokenizer_base.TokenizerBase`.
 
 Training options (see /work/shared/JAX_NOTES.md): with sentencepiece's defaults the round trip is
 lossy (runs of spaces collapse, newlines vanish), which would make generated text and per-
@@ -34,7 +39,8 @@ import sentencepiece as spm
 
 from ccf_jax.data import cache
 from ccf_jax.data import corpus as corpus_lib
-from ccf_jax.data.cache import DataError
+from ccf_jax.data import hf_tokenizer
+from ccf_jax.data.tokenizer_base import SENTENCEPIECE, TokenizerBase, TokenizerError
 
 MODEL_TYPES = ('bpe', 'unigram')
 SPECIAL_IDS = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3)
@@ -64,15 +70,18 @@ def sidecar_path(model_path: str) -> str:
   return base + '.json'
 
 
-class Tokenizer:
+class Tokenizer(TokenizerBase):
   """A sentencepiece model plus the special ids the trainer needs."""
+
+  kind = SENTENCEPIECE
 
   def __init__(self, model_path: str):
     self.model_path = os.path.abspath(model_path)
     try:
       self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
     except (OSError, RuntimeError) as e:
-      raise DataError(f'{model_path}: not a loadable sentencepiece model ({e}).') from e
+      raise TokenizerError(f'{model_path}: not a loadable sentencepiece model ({e}). Fix: give a '
+                           'sentencepiece .model or a Hugging Face tokenizer.json.') from e
     self.vocab_size = int(self.sp.get_piece_size())
     self.unk_id = int(self.sp.unk_id())
     self.bos_id = int(self.sp.bos_id())  # -1 if the model has none.
@@ -80,9 +89,9 @@ class Tokenizer:
     pad = int(self.sp.pad_id())
     self.pad_id = pad if pad >= 0 else self.unk_id
     if self.eos_id < 0:
-      raise DataError(f'{model_path}: the model has no eos (</s>) id; ccf_jax needs one (document '
-                      'separator and CCF memory initialisation). Fix: train one with '
-                      '`python -m ccf_jax.tokenizer`.')
+      raise TokenizerError(f'{model_path}: the model has no eos (</s>) id; ccf_jax needs one '
+                           '(document separator and CCF memory initialisation). Fix: train one '
+                           'with `python -m ccf_jax.tokenizer`.')
     self.memory_init_id = self.eos_id
     self.meta = {}
     side = sidecar_path(self.model_path)
@@ -91,26 +100,18 @@ class Tokenizer:
       for k in ('pad_id', 'bos_id', 'eos_id', 'unk_id', 'memory_init_id'):
         if k in self.meta:
           setattr(self, k, int(self.meta[k]))
-    self._sha = None
+    self.chat_template = hf_tokenizer.chat_template_of(hf_tokenizer.read_config(
+        os.path.join(os.path.dirname(self.model_path), hf_tokenizer.CONFIG_FILE)))
 
-  @property
-  def sha256(self) -> str:
-    if self._sha is None:
-      self._sha = cache.file_sha256(self.model_path)
-    return self._sha
-
-  def special_ids(self) -> dict:
-    return dict(vocab_size=self.vocab_size, pad_id=self.pad_id, unk_id=self.unk_id,
-                bos_id=self.bos_id, eos_id=self.eos_id, memory_init_id=self.memory_init_id)
+  def special_tokens(self) -> dict:
+    return {self.sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id, self.unk_id, self.pad_id)
+            if i >= 0}
 
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text)
 
-  def decode(self, ids: Iterable[int]) -> str:
-    """Text of ids; pad ids (and out-of-range ids) are dropped, control symbols decode to ''."""
-    ids = np.asarray(ids).reshape(-1).astype(np.int64)  # Lists, numpy or jax arrays.
-    ids = ids[(ids >= 0) & (ids < self.vocab_size) & (ids != self.pad_id)].tolist()
-    return self.sp.decode(ids)
+  def _decode(self, ids: list) -> str:
+    return self.sp.decode(ids)  # Control symbols (bos, eos) decode to ''.
 
   def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[np.ndarray]:
     """int32 arrays of many texts, encoded in parallel by sentencepiece's thread pool."""
@@ -157,10 +158,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str,
                     model_type: str = 'bpe', meta: Optional[dict] = None) -> Tokenizer:
   """Trains a sentencepiece model on `texts`; writes `out_path` (.model) and its .json sidecar."""
   if model_type not in MODEL_TYPES:
-    raise DataError(f'Tokenizer type {model_type!r} is not supported; use one of {MODEL_TYPES}.')
+    raise TokenizerError(f'Tokenizer type {model_type!r} is not supported. Fix: use one of '
+                         f'{MODEL_TYPES}.')
   if vocab_size < 256 + len(SPECIAL_IDS) + 1:
-    raise DataError(f'vocab_size={vocab_size} is too small: byte fallback alone needs 256 byte '
-                    'pieces, plus 4 special ids and the newline piece; use a few hundred more.')
+    raise TokenizerError(f'vocab_size={vocab_size} is too small: byte fallback alone needs 256 '
+                         'byte pieces, plus 4 special ids and the newline piece. Fix: use a few '
+                         'hundred more.')
   if not out_path.endswith('.model'):
     out_path += '.model'
   t0 = time.time()
@@ -171,9 +174,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str,
         vocab_size=vocab_size, model_type=model_type, num_threads=min(16, os.cpu_count() or 1),
         **_TRAINER_OPTIONS)
   except RuntimeError as e:
-    raise DataError(f'sentencepiece training failed for vocab_size={vocab_size}, '
-                    f'type={model_type}: {e}. Fix: a smaller vocabulary (the corpus may be too '
-                    'small for this one) or a larger corpus.') from e
+    raise TokenizerError(f'sentencepiece training failed for vocab_size={vocab_size}, '
+                         f'type={model_type}: {e}. Fix: a smaller vocabulary (the corpus may be '
+                         'too small for this one) or a larger corpus.') from e
   cache.atomic_write_bytes(out_path, buf.getvalue())
   tok = Tokenizer(out_path)
   info = dict(tok.special_ids(), model_type=model_type, trainer_version=_TRAINER_VERSION,
@@ -185,25 +188,64 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str,
   return tok
 
 
-def load_tokenizer(path: str, vocab_size: Optional[int] = None) -> Tokenizer:
-  """Loads a model file (or a directory holding `tokenizer.model` / exactly one *.model)."""
+# Where a directory keeps its tokenizer, in the order tried: a sentencepiece model, a Hugging Face
+# tokenizer.json, an export's Hugging Face tokenizer (ccf_jax.checkpoint.export keeps it under hf/,
+# because an export's top-level tokenizer.json is the sentencepiece model's sidecar of special ids).
+DIR_CANDIDATES = ('tokenizer.model', 'tokenizer.json', os.path.join('hf', 'tokenizer.json'))
+_FIX_PATH = ("Fix: give the path of a sentencepiece .model or a Hugging Face tokenizer.json, or "
+             "'' to train one on the corpus.")
+
+
+def _in_directory(path: str) -> str:
+  for name in DIR_CANDIDATES:
+    if os.path.isfile(os.path.join(path, name)):
+      return os.path.join(path, name)
+  models = sorted(f for f in os.listdir(path) if f.endswith('.model'))
+  if len(models) != 1:
+    raise TokenizerError(f'data.tokenizer={path!r} is a directory without a tokenizer '
+                         f'({", ".join(DIR_CANDIDATES[:2])} or a single .model; found '
+                         f'{len(models)} .model files). {_FIX_PATH}')
+  return os.path.join(path, models[0])
+
+
+def load_tokenizer(path: str, vocab_size: Optional[int] = None) -> TokenizerBase:
+  """The tokenizer at `path`: a sentencepiece .model, a Hugging Face tokenizer.json, or a directory
+  holding one (see DIR_CANDIDATES). With `vocab_size`, checked against the model (`check_vocab`)."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(path):
-    cands = [os.path.join(path, 'tokenizer.model')]
-    if not os.path.exists(cands[0]):
-      cands = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith('.model'))
-    if len(cands) != 1:
-      raise DataError(f'data.tokenizer={path!r} is a directory without a single .model file '
-                      f'(found {len(cands)}). Fix: give the path of the .model file.')
-    path = cands[0]
+    path = _in_directory(path)
   if not os.path.exists(path):
-    raise DataError(f'data.tokenizer={path!r} does not exist. Fix: give the path of a '
-                    "sentencepiece .model file, or '' to train one on the corpus.")
-  tok = Tokenizer(path)
-  if vocab_size is not None and tok.vocab_size != vocab_size:
-    raise DataError(f'Tokenizer {path} has vocab_size {tok.vocab_size} but config.model.vocab_size '
-                    f'is {vocab_size}. Fix: --config.model.vocab_size={tok.vocab_size}.')
+    raise TokenizerError(f'data.tokenizer={path!r} does not exist. {_FIX_PATH}')
+  if path.endswith('.json'):
+    model = path[:-len('.json')] + '.model'
+    try:
+      tok = hf_tokenizer.HFTokenizer(path)
+    except TokenizerError as e:
+      if os.path.isfile(model):  # The special-ids sidecar of a sentencepiece model.
+        raise TokenizerError(f'{path} is the special-ids sidecar of the sentencepiece model '
+                             f'{model}, not a tokenizer. Fix: data.tokenizer={model}.') from e
+      raise
+  else:
+    tok = Tokenizer(path)
+  if vocab_size is not None:
+    check_vocab(tok, vocab_size, f'data.tokenizer={path}')
   return tok
+
+
+def check_vocab(tok: TokenizerBase, vocab_size: int, where: str, exact: Optional[bool] = None):
+  """The model's embedding must hold every id of the tokenizer. With `exact` (the default for
+  sentencepiece, whose trained size is model.vocab_size, so a difference is a mistake) the sizes
+  must also be equal; a Hugging Face release may pad its embedding (e.g. to a multiple of 64), and
+  a loaded model only needs its tokenizer to fit."""
+  if tok.vocab_size > vocab_size:
+    raise TokenizerError(
+        f'{where}: the tokenizer has {tok.vocab_size} ids but model.vocab_size is {vocab_size}, so '
+        f'some tokens could not be embedded. Fix: --config.model.vocab_size={tok.vocab_size}, or '
+        'the tokenizer released with these weights.')
+  if (tok.kind == SENTENCEPIECE if exact is None else exact) and tok.vocab_size != vocab_size:
+    raise TokenizerError(f'{where}: tokenizer {tok.model_path} has vocab_size {tok.vocab_size} '
+                         f'but config.model.vocab_size is {vocab_size}. Fix: '
+                         f'--config.model.vocab_size={tok.vocab_size}.')
 
 
 def tokenizer_cache_path(config) -> str:
@@ -217,7 +259,7 @@ def tokenizer_cache_path(config) -> str:
                       f'{name}-{d.tokenizer_type}{config.model.vocab_size}-{key}.model')
 
 
-def load_or_train_tokenizer(config) -> Tokenizer:
+def load_or_train_tokenizer(config) -> TokenizerBase:
   """The tokenizer of a config: `data.tokenizer` if set, else one trained (and cached) on the
   train split of the configured corpora with `model.vocab_size` pieces."""
   vocab = int(config.model.vocab_size)
@@ -233,5 +275,6 @@ def load_or_train_tokenizer(config) -> Tokenizer:
   logging.info('Trained a %s tokenizer (vocab %d) on %s in %.1fs: %s', config.data.tokenizer_type,
                vocab, [s.name for s in specs], time.time() - t0, path)
   if tok.vocab_size != vocab:
-    raise DataError(f'The trained tokenizer has {tok.vocab_size} pieces, not {vocab}.')
+    raise TokenizerError(f'The trained tokenizer has {tok.vocab_size} pieces, not {vocab}. Fix: a '
+                         'smaller --config.model.vocab_size, or a larger corpus.')
   return tok

@@ -4,7 +4,8 @@
 Why a module of its own: the sections (`ppl`, `passkey`, `autoencode`, `efficiency`)
 must measure CCF and its baselines the same way, so the decisions that make them comparable live
 here once:
-  * `EvalModel` is an export ready to run on one device, whatever its architecture. A plain
+  * `EvalModel` is an export ready to run on one device or sharded on a mesh (`load`'s
+    `mesh_sizes`), whatever its architecture. A plain
     `decoder` export (packed training) is evaluated as `full_attention` (the same computation: one
     causal pass over raw tokens), with its trained range being `data.seq_len`.
   * `range_status` decides, for a context of n segments, whether a cell is computed, computed but
@@ -52,13 +53,15 @@ def is_na(cell) -> bool:
 
 @dataclasses.dataclass
 class EvalModel:
-  """An export on the default device: config (arch normalised), params, tokenizer, metadata."""
+  """An export on the default device or a mesh: config (arch normalised), params, tokenizer,
+  metadata."""
   export_dir: str
   config: object  # ConfigDict (unlocked); model.arch: ccf | segment_local | full_attention.
   params: dict
-  tokenizer: object  # ccf_jax.data.Tokenizer.
+  tokenizer: object  # ccf_jax.data.TokenizerBase (sentencepiece or tokenizer.json).
   info: dict  # export_info.json (step, source, versions).
   exported_arch: str  # model.arch as trained ('decoder' becomes 'full_attention' above).
+  mesh: object = None  # The jax Mesh the params are sharded over (None: one device).
 
   @property
   def arch(self) -> str:
@@ -110,20 +113,29 @@ def with_schema_defaults(config_dict: dict):
   return config
 
 
-def load(export_dir: str, corpus: str | None = None) -> EvalModel:
-  """Loads an export for single-device evaluation; `corpus` replaces data.corpus (held-out text)."""
+def load(export_dir: str, corpus: str | None = None, mesh_sizes=None) -> EvalModel:
+  """Loads an export for evaluation; `corpus` replaces data.corpus (held-out text). On one device,
+  or with `mesh_sizes` (data, fsdp, tensor) sharded over every device with the training rules
+  (`export.load_export_sharded`): the jitted scorers then run sharded by propagation."""
   import jax
 
-  params, config_dict, tok_path = export_lib.load_export(export_dir)
+  mesh = None
+  if mesh_sizes is None:
+    params, config_dict, tok_path = export_lib.load_export(export_dir)
+  else:
+    params, config_dict, tok_path, mesh = export_lib.load_export_sharded(export_dir, mesh_sizes)
   if tok_path is None:
-    raise export_lib.ExportError(f'{export_dir} has no tokenizer.model; evaluation needs the '
-                                 'tokenizer the model was trained with. Fix: re-export with '
-                                 '--tokenizer=PATH.')
+    raise export_lib.ExportError(f'{export_dir} has no tokenizer (tokenizer.model or '
+                                 'hf/tokenizer.json); evaluation needs the one the model was '
+                                 f'trained with. Fix: {export_lib.export_cmd(export_dir)} '
+                                 '--overwrite --tokenizer=PATH (its tokenizer.model or '
+                                 'tokenizer.json).')
   config = with_schema_defaults(config_dict)
   config.data.tokenizer = tok_path
   if corpus:
     config.data.corpus, config.data.mixture = corpus, ''
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.num_devices = 1, 1, 1, 1
+  if mesh is None:
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.num_devices = 1, 1, 1, 1
   config.mesh.distributed = False
   exported_arch = config.model.arch
   if exported_arch == 'decoder':  # One causal pass over raw tokens: what full_attention computes.
@@ -131,8 +143,9 @@ def load(export_dir: str, corpus: str | None = None) -> EvalModel:
   with open(os.path.join(export_dir, export_lib.INFO_JSON)) as f:
     info = json.load(f)
   tok = data_lib.load_tokenizer(tok_path, config.model.vocab_size)
-  params = jax.device_put(params)
-  return EvalModel(os.path.abspath(export_dir), config, params, tok, info, exported_arch)
+  if mesh is None:
+    params = jax.device_put(params)
+  return EvalModel(os.path.abspath(export_dir), config, params, tok, info, exported_arch, mesh)
 
 
 def range_status(model: EvalModel, num_segments: int) -> tuple[str, str]:

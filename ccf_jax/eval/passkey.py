@@ -2,7 +2,8 @@
 
 Each cell is a batch of passkey documents of `length` tokens (a multiple of the segment length, so
 the question and answer sit in the last segment) with the key statement at `depth` of the filler,
-generated with the export's tokenizer (digits are split, so each answer token is one digit). Two
+generated with the export's tokenizer (the key is spelt one token per digit, whatever the tokenizer:
+`passkey.digit_ids`, so each answer token is one digit). Two
 scores per cell, both answer-only:
   * teacher-forced per-digit accuracy and exact match (`passkey.score`): the model sees the true
     earlier digits;
@@ -84,7 +85,7 @@ def _engine(model, memory: str, ratio):
   except ImportError:
     return None
   return inference.Engine(model.config, model.params, ratio=ratio, memory=memory == 'on',
-                          compiler_options=ec.COMPILER_OPTIONS)
+                          compiler_options=ec.COMPILER_OPTIONS, mesh=model.mesh)
 
 
 def _score(pred: np.ndarray, batch: dict, n: int) -> dict:
@@ -109,12 +110,11 @@ def run(model, p: dict) -> dict:
   """The passkey section with preset `p` (keys: length_segments, depths, batch, digits, seed)."""
   tok, l = model.tokenizer, model.segment_len
   encode = tok.encode
-  n = len(encode('0' * p['digits']))
-  split_digits = all(len(encode(str(d))) == 1 for d in range(10)) and n == p['digits']
+  n = len(passkey.key_tokens(encode, '0' * p['digits']))  # One token per digit.
   lengths = [m * l for m in p['length_segments']]
   out = {'lengths': lengths, 'depths': list(p['depths']), 'batch': p['batch'],
          'digits': p['digits'], 'answer_tokens': n,
-         'chance': {'per_digit_accuracy': CHANCE_DIGIT if split_digits else None,
+         'chance': {'per_digit_accuracy': CHANCE_DIGIT,
                     'exact_match': CHANCE_DIGIT ** p['digits']},
          'greedy_path': None,
          'rows': []}

@@ -82,7 +82,8 @@ def metadata(model, preset: str) -> dict:
       'segment_len': model.segment_len, 'trained_tokens': model.trained_tokens,
       'checkpoint': {'step': model.info.get('step'), 'source': model.info.get('source'),
                      'num_params': model.info.get('num_params')},
-      'tokenizer': {'path': tok.model_path, 'sha256': tok.sha256, 'vocab_size': tok.vocab_size},
+      'tokenizer': {'path': tok.model_path, 'kind': tok.kind, 'sha256': tok.sha256,
+                    'vocab_size': tok.vocab_size},
       'config': model.config.to_dict(),
       'machine': {'platform': platform.platform(), 'python': platform.python_version(),
                   'cpus': os.cpu_count(), 'device': str(jax.devices()[0].device_kind),
@@ -123,14 +124,15 @@ def _load_previous(path: str, meta: dict) -> dict:
 
 
 def run(export_dir: str, out_dir: str, only=SECTIONS, preset: str = 'quick',
-        corpus: str | None = None, overrides: dict | None = None) -> dict:
-  """Runs the sections `only` and writes results.json, report.md and plots into out_dir."""
+        corpus: str | None = None, overrides: dict | None = None, mesh_sizes=None) -> dict:
+  """Runs the sections `only` and writes results.json, report.md and plots into out_dir; with
+  `mesh_sizes` (data, fsdp, tensor) the export is sharded over every device (`ec.load`)."""
   unknown = [s for s in only if s not in SECTIONS]
   if unknown or preset not in PRESETS:
     raise ValueError(f'unknown section(s) {unknown} or preset {preset!r}; sections {SECTIONS}, '
                      f'presets {tuple(PRESETS)}.')
   t0 = time.time()
-  model = ec.load(export_dir, corpus)
+  model = ec.load(export_dir, corpus, mesh_sizes)
   print(f'[eval] {model.label} ({model.config.name}, step {model.info.get("step")}) from '
         f'{export_dir}; preset {preset}; sections {",".join(only)}', flush=True)
   path = os.path.join(out_dir, 'results.json')

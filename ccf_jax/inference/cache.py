@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccf_jax.ccf import masks
-from ccf_jax.model import decoder as model_lib
+from ccf_jax.model import spans
 
 
 class Cache(NamedTuple):
@@ -77,7 +77,10 @@ def append_raw(cache: Cache, k, v, tokens, num_new) -> Cache:
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """The shape rules of one engine's cache: mode ('ccf' | 'local' | 'full'), segment length l,
-  c memory rows per segment, memory window W (0: unbounded), ratio and the K/V row shape."""
+  c memory rows per segment, memory window W (0: unbounded), ratio and the K/V row shape;
+  `sliding_window` (mode 'full' only: `model.sliding_window`) limits the keys each query sees.
+  The rows below the window stay allocated (the buffer is not a ring), so a windowed model's cache
+  grows with the context like any full one."""
   mode: str
   l: int
   c: int
@@ -87,6 +90,7 @@ class Layout:
   num_kv_heads: int
   head_dim: int
   dtype: Any
+  sliding_window: int = 0
 
   # ------------------------------------------------------------------------------ capacities
   def mem_rows(self, segments: int) -> int:
@@ -174,7 +178,7 @@ class Layout:
 
   # ------------------------------------------------------------------------------ traced pieces
   def read_view(self, ccf, cache: Cache, lq: int):
-    """(positions int32[B, lq], mask bool[B, lq, cap + lq]) of lq new tokens after each row's raw
+    """(positions int32[B, lq], mask Spans over cap + lq keys) of lq new tokens after each row's raw
     rows: they see the memory rows of visible segments, the raw rows written, and each other
     causally."""
     b = cache.raw_len.shape[0]
@@ -187,9 +191,13 @@ class Layout:
       base, mem_vis = jnp.zeros((b,), jnp.int32), cache.mem_valid
     positions = base[:, None] + cache.raw_len[:, None] + jnp.arange(lq, dtype=jnp.int32)[None]
     raw_vis = jnp.arange(cap - mem_cap)[None] < cache.raw_len[:, None]
-    prefix = jnp.concatenate([mem_vis, raw_vis], axis=1)[:, None]
-    mask = jnp.concatenate([jnp.broadcast_to(prefix, (b, lq, cap)),
-                            jnp.broadcast_to(model_lib.causal_mask(lq), (b, lq, lq))], axis=-1)
+    mask = spans.prefix_causal(jnp.concatenate([mem_vis, raw_vis], axis=1), lq)
+    if self.sliding_window:  # 'full': raw row j holds position j. One key range per query: the
+      # unwritten raw rows between the written ones and the new tokens are masked by key_ok.
+      first = positions - self.sliding_window + 1  # The oldest position each query sees.
+      lo = jnp.where(first < cache.raw_len[:, None], mem_cap + jnp.maximum(first, 0),
+                     cap + first - cache.raw_len[:, None])
+      mask = spans.Spans(lo[..., None], mask.hi, mask.key_ok)
     return positions, mask
 
   def store_memory(self, cache: Cache, mem, segments, commit, advance: bool = False) -> Cache:

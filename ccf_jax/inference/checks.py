@@ -73,7 +73,7 @@ def check_ids(a: np.ndarray, what: str, vocab_size: int):
   if bad.size:
     raise InferenceError(f'{what} has token id {int(bad[0])} outside the vocabulary '
                          f'[0, {vocab_size}) (model.vocab_size). Fix: encode with the '
-                         "model's own tokenizer (the export's tokenizer.model).")
+                         "model's own tokenizer (ccf_jax.data.load_tokenizer on the export).")
 
 
 def check_sampling(temperature, top_k, top_p):

@@ -26,7 +26,7 @@ are static, so a compression encodes every row's tail and commits only the fille
 whose elements fill segments at different steps pays up to B encoder passes per l tokens.
 
 Public API (token level; `ccf_jax.inference.generator.Generator` adds text):
-    engine = Engine(config, params, ratio=None, memory=True, memory_window=None)
+    engine = Engine(config, params, ratio=None, memory=True, memory_window=None, mesh=None)
     state, last_logits = engine.prefill(prompts)        # list of int token sequences
     state, next_tokens, logits = engine.decode(state, tokens, temperature=..., top_k=..., top_p=...)
     out = engine.generate(prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed)
@@ -38,6 +38,7 @@ A `State` passed to `decode` is consumed (its buffers are donated); use the retu
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from typing import Sequence
@@ -50,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from ccf_jax import registry as arch_lib
+from ccf_jax.core import sharding
 from ccf_jax.model import decoder as model_lib
 from ccf_jax.ccf import masks
 from ccf_jax.ccf.model import memory_kwargs
@@ -87,12 +89,14 @@ class _Compiled:
 
   def __call__(self, *args):
     shaped = args[1:] if args[0] is self.engine.params else args  # Params never change shape.
-    key = tuple((getattr(a, 'shape', ()), str(getattr(a, 'dtype', type(a))))
+    key = tuple((getattr(a, 'shape', ()), str(getattr(a, 'dtype', type(a))),
+                 getattr(a, 'sharding', None) if getattr(a, 'committed', False) else None)
                 for a in jax.tree.leaves(shaped))
     exe = self._exe.get(key)
     if exe is None:
       t = time.perf_counter()
-      exe = self._exe[key] = self._jit.lower(*args).compile()
+      with self.engine.mesh_context():
+        exe = self._exe[key] = self._jit.lower(*args).compile()
       dt = time.perf_counter() - t
       self.engine.compile_counts[self.name] += 1
       self.engine.compile_seconds += dt
@@ -106,7 +110,8 @@ class Engine:
 
   def __init__(self, config, params, *, ratio: int | None = None, memory: bool = True,
                memory_window: int | None = None, max_position: int | None = None,
-               prefill_chunk: int = 1024, prefill_segments: int = 32, compiler_options=None):
+               prefill_chunk: int = 1024, prefill_segments: int = 32, compiler_options=None,
+               mesh: jax.sharding.Mesh | None = None):
     cfg = ml_collections.ConfigDict(config.to_dict() if hasattr(config, 'to_dict') else config)
     if cfg.model.arch not in ARCH_MODES:
       raise InferenceError(f'model.arch={cfg.model.arch!r} has no inference path; one of '
@@ -128,12 +133,22 @@ class Engine:
       raise InferenceError(f'ratio={ratio} is not one this model was built for (ccf.ratios / '
                            f'segment_len / num_memory allow {allowed}).')
     self.dtype = DTYPES[cfg.model.dtype]
+    sliding = int(cfg.model.get('sliding_window', 0))
+    if sliding and self.mode != 'full':
+      raise InferenceError(f'model.sliding_window={sliding} is implemented for the plain decoder '
+                           f'only (model.arch={cfg.model.arch!r}). Fix: set model.sliding_window=0 '
+                           "in the export's config.json, or use a model.arch='decoder' export.")
     self.layout = cache_lib.Layout(self.mode, self.l, self.c, self.window, self.span,
                                    cfg.model.num_layers, cfg.model.num_kv_heads,
-                                   cfg.model.head_dim, self.dtype)
+                                   cfg.model.head_dim, self.dtype, sliding)
     self.vocab_size = cfg.model.vocab_size
     self.prefill_chunk, self.prefill_segments = prefill_chunk, prefill_segments
-    self.params = jax.device_put(params)
+    self.mesh = mesh
+    # On a mesh the parameters are placed with the training rules (config.mesh.rules: FSDP,
+    # tensor), so an export too large for one device is read sharded; activations and the cache
+    # follow by GSPMD propagation.
+    self.params = jax.device_put(params, None if mesh is None else
+                                 arch_lib.param_shardings(cfg, mesh))
     self.compile_counts, self.compile_seconds, self.grow_calls = collections.Counter(), 0.0, 0
     self._sampling_args, self._key0 = {}, jax.random.key(0)
     fn = lambda name, f, donate=(): _Compiled(name, f, self, donate, compiler_options)
@@ -148,6 +163,12 @@ class Engine:
     self._sample = fn('sample', sample_tokens)
     self._logprobs = fn('logprobs', lambda lg, t: jnp.take_along_axis(
         jax.nn.log_softmax(lg, -1), t[..., None], -1)[..., 0])
+
+  def mesh_context(self):
+    """The mesh and logical rules compiled functions trace under (nothing without a mesh)."""
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return sharding.use_mesh(self.mesh, self.config.mesh.rules)
 
   # ------------------------------------------------------------------------------ traced pieces
   def _bind(self, params):

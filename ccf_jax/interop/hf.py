@@ -25,26 +25,36 @@ from ccf_jax.checkpoint import export as export_lib
 from ccf_jax.interop import hf_tokenizer
 from ccf_jax.interop.hf_config import (CONFIG, ConvertError, hf_config_to_model_config,
                                        model_config_to_hf_config, read_hf_config)
-from ccf_jax.interop.hf_weights import load_hf_params, np_dtype, params_to_hf_state, write_shards
+from ccf_jax.interop.hf_weights import (load_hf_params, np_dtype, params_to_hf_state,
+                                        stored_dtype, write_shards)
 
 
-def hf_to_export(hf_dir, out, *, param_dtype: str = 'auto', overwrite: bool = False) -> str:
+def hf_to_export(hf_dir, out, *, param_dtype: str = 'auto', overwrite: bool = False,
+                 name: str | None = None, source_info: dict | None = None) -> str:
   """Converts a Hugging Face Llama-family directory into a ccf_jax export at `out`.
 
   Its config.json is a full training config (experiments/base.py) with the checkpoint's model.*
-  fields and `param_dtype = dtype =` the stored dtype (float32 or bfloat16)."""
+  fields and `param_dtype = dtype =` the stored dtype (float32 or bfloat16). `name` (the config's
+  name) and `source_info` (export_info.json entries) describe a directory another importer
+  rebuilt, such as `interop.gguf`'s. float16 weights are stored as float32; export_info.json's
+  `source_dtype` keeps float16 for `export_to_hf`. An existing `out` is refused before any weight
+  is read."""
   import ml_collections
   from experiments import base
   hf_dir = os.path.abspath(os.fspath(hf_dir))
+  if os.path.exists(os.fspath(out)) and not overwrite:
+    raise ConvertError(f'{os.fspath(out)} already exists. Fix: pass --overwrite, or choose '
+                       'another --out.')
   hf = read_hf_config(hf_dir)
   fields = hf_config_to_model_config(hf, os.path.join(hf_dir, CONFIG))
   params = load_hf_params(hf_dir, dtype=None if param_dtype == 'auto' else param_dtype)
   cfg = base.get_config()
-  cfg.name = f'hf_{os.path.basename(hf_dir.rstrip("/"))}'
+  cfg.name = name or f'hf_{os.path.basename(hf_dir.rstrip("/"))}'
   for k, v in fields.items():
     cfg.model[k] = ml_collections.ConfigDict(v) if k == 'rope_scaling' else v
   cfg.model.param_dtype = cfg.model.dtype = np.dtype(params['embed'].dtype).name
-  cfg.data.seq_len = min(cfg.data.seq_len, fields['max_position'])
+  # The context the model was pretrained on (what evaluation treats as its trained range).
+  cfg.data.seq_len = fields['max_position']
   files = {f'{hf_tokenizer.EXPORT_HF_DIR}/{CONFIG}': os.path.join(hf_dir, CONFIG)}
   for name in hf_tokenizer.AUX_FILES + (hf_tokenizer.HF_FILE,):
     if os.path.isfile(os.path.join(hf_dir, name)):
@@ -62,14 +72,16 @@ def hf_to_export(hf_dir, out, *, param_dtype: str = 'auto', overwrite: bool = Fa
             else f'{hf_tokenizer.EXPORT_HF_DIR}/{hf_tokenizer.HF_FILE}')
     files[name] = tok_path
     cfg.data.tokenizer = name  # Relative to the export directory.
-    tok_info.update(file=name, **tok.special_ids())
+    tok_info.update(tok.record(), file=name)
   try:
-    config_lib.validate(cfg)
+    config_lib.validate(cfg, training=False)  # A stored model: bfloat16 weights are fine.
   except config_lib.ConfigError as e:
     raise ConvertError(f'{hf_dir}: the converted config is not valid: {e}') from e
   info = {'source': hf_dir, 'source_format': 'huggingface',
           'architecture': (hf.get('architectures') or [hf.get('model_type')])[0],
-          'hf_dtype': hf.get('dtype', hf.get('torch_dtype')), 'tokenizer': tok_info}
+          'hf_dtype': hf.get('dtype', hf.get('torch_dtype')), 'tokenizer': tok_info,
+          'source_dtype': stored_dtype(hf_dir),
+          **(source_info or {})}
   export_lib.write_export(out, params, json.loads(cfg.to_json_best_effort()), files=files,
                           info=info, overwrite=overwrite)
   return os.path.abspath(os.fspath(out))
@@ -77,7 +89,10 @@ def hf_to_export(hf_dir, out, *, param_dtype: str = 'auto', overwrite: bool = Fa
 
 def export_to_hf(export_dir, out, *, dtype: str = 'auto', max_shard_bytes: int = 5 * 2**30,
                  overwrite: bool = False) -> str:
-  """Writes a ccf_jax export as a Hugging Face LlamaForCausalLM directory at `out`."""
+  """Writes a ccf_jax export as a Hugging Face directory at `out` (LlamaForCausalLM,
+  MistralForCausalLM or Qwen2ForCausalLM: `hf_config.model_config_to_hf_config`). dtype 'auto'
+  writes the dtype the export was imported from (export_info.json's `source_dtype`: a float16
+  checkpoint comes back float16), else the stored one."""
   import ml_collections
   export_dir, out = os.path.abspath(os.fspath(export_dir)), os.path.abspath(os.fspath(out))
   if os.path.exists(out) and os.listdir(out) and not overwrite:
@@ -91,7 +106,10 @@ def export_to_hf(export_dir, out, *, dtype: str = 'auto', max_shard_bytes: int =
     params = params['decoder']
   state = params_to_hf_state(params, m.tie_embeddings)
   stored = np.dtype(state['model.embed_tokens.weight'].dtype).name
-  dtype = stored if dtype == 'auto' else dtype
+  if dtype == 'auto':
+    info_path = os.path.join(export_dir, export_lib.INFO_JSON)
+    info = json.loads(open(info_path).read()) if os.path.isfile(info_path) else {}
+    dtype = info.get('source_dtype') or stored
   if dtype != stored:
     state = {k: v.astype(np_dtype(dtype)) for k, v in state.items()}
   hf_dir = os.path.join(export_dir, hf_tokenizer.EXPORT_HF_DIR)  # Original side files, if any.
@@ -107,8 +125,8 @@ def export_to_hf(export_dir, out, *, dtype: str = 'auto', max_shard_bytes: int =
     for name in hf_tokenizer.AUX_FILES + (hf_tokenizer.HF_FILE,):
       if os.path.isfile(os.path.join(hf_dir, name)):
         shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, name))
-    if tok_path is not None:
-      shutil.copyfile(tok_path, os.path.join(tmp, hf_tokenizer.SP_FILE))
+    if tok_path is not None and tok_path.endswith(hf_tokenizer.SP_FILE):  # A tokenizer.json is
+      shutil.copyfile(tok_path, os.path.join(tmp, hf_tokenizer.SP_FILE))  # among hf/'s files.
       if not os.path.isfile(os.path.join(tmp, hf_tokenizer.AUX_FILES[0])):
         hf_tokenizer.write_hf_tokenizer_config(os.path.join(tmp, hf_tokenizer.AUX_FILES[0]),
                                                tok_path)

@@ -6,7 +6,8 @@ is a reshape/transpose per tensor and nothing else: HF stores `nn.Linear` weight
 (ccf_jax: [in, out] with heads split out), and ccf_jax's rotary uses the same half-split
 (`rotate_half`) layout as Hugging Face's Llama, so q/k need no row permutation (the permutation
 people remember is between Meta's original interleaved checkpoints and HF's layout, and HF files
-are already permuted). Tensors are written back with the exact inverse, so a round trip
+are already permuted). Qwen2's q/k/v biases ([heads * head_dim]) become [heads, head_dim]
+(`model.qkv_bias`). Tensors are written back with the exact inverse, so a round trip
 reproduces the files' arrays bit for bit. Checkpoints with tensors a Llama block does not have, or
 .bin-only checkpoints, are refused with the fix. `init.from_hf=DIR` in any experiment calls
 `load_hf_params`.
@@ -33,6 +34,9 @@ LAYER_NAMES = {
     ('attn', 'wo'): 'self_attn.o_proj.weight', ('mlp', 'w_gate'): 'mlp.gate_proj.weight',
     ('mlp_norm', 'scale'): 'post_attention_layernorm.weight', ('mlp', 'w_up'): 'mlp.up_proj.weight',
     ('mlp', 'w_down'): 'mlp.down_proj.weight'}
+BIAS_NAMES = {('attn', 'bq'): 'self_attn.q_proj.bias', ('attn', 'bk'): 'self_attn.k_proj.bias',
+              ('attn', 'bv'): 'self_attn.v_proj.bias'}  # With model.qkv_bias (Qwen2).
+STORED = {'BF16': 'bfloat16', 'F32': 'float32', 'F16': 'float16'}  # safetensors dtype -> ours.
 IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)  # Buffers some old checkpoints saved; recomputed.
 
 
@@ -90,6 +94,8 @@ def _expected_shapes(f: dict) -> dict:
                ('attn', 'wk'): (d, k, hd), ('attn', 'wv'): (d, k, hd), ('attn', 'wo'): (h, hd, d),
                ('mlp_norm', 'scale'): (d,), ('mlp', 'w_gate'): (d, mlp), ('mlp', 'w_up'): (d, mlp),
                ('mlp', 'w_down'): (mlp, d)}
+  if f.get('qkv_bias'):
+    per_layer.update({('attn', 'bq'): (h, hd), ('attn', 'bk'): (k, hd), ('attn', 'bv'): (k, hd)})
   out = {('layers',) + p: (L,) + s for p, s in per_layer.items()}
   out.update({('embed',): (v, d), ('final_norm', 'scale'): (d,)})
   if not f['tie_embeddings']:
@@ -108,7 +114,9 @@ def _to_ours(path: tuple, w: np.ndarray, shape: tuple) -> np.ndarray:
 def _to_hf(path: tuple, a: np.ndarray) -> np.ndarray:
   """Exact inverse of `_to_ours`: [in, out] (heads merged) -> [out, in], C-contiguous."""
   name = path[-1]
-  if name in ('wq', 'wk', 'wv', 'w_gate', 'w_up'):
+  if name in ('bq', 'bk', 'bv'):
+    a = a.reshape(-1)
+  elif name in ('wq', 'wk', 'wv', 'w_gate', 'w_up'):
     a = a.reshape(a.shape[0], -1).T
   elif name in ('wo', 'w_down', 'lm_head'):
     a = a.reshape(-1, a.shape[-1]).T
@@ -117,7 +125,7 @@ def _to_hf(path: tuple, a: np.ndarray) -> np.ndarray:
 
 def _hf_name(path: tuple, layer: int | None = None) -> str:
   if path[0] == 'layers':
-    return f'model.layers.{layer}.{LAYER_NAMES[path[1:]]}'
+    return f'model.layers.{layer}.{(LAYER_NAMES | BIAS_NAMES)[path[1:]]}'
   return {('embed',): 'model.embed_tokens.weight', ('final_norm', 'scale'): 'model.norm.weight',
           ('lm_head',): 'lm_head.weight'}[path]
 
@@ -155,12 +163,8 @@ def load_hf_params(path, model_cfg=None, dtype: str | None = None) -> dict:
                        'download every shard, and check config.json belongs to these weights.')
 
   if dtype is None:  # The embedding's dtype for all (a few checkpoints keep norms in float32).
-    with _open(files['model.embed_tokens.weight']) as fh:
-      stored = fh.get_slice('model.embed_tokens.weight').get_dtype()
-    dtype = {'BF16': 'bfloat16', 'F32': 'float32', 'F16': 'float32'}.get(stored)
-    if dtype is None:
-      raise ConvertError(f'{path}: weights stored as {stored} are not supported. Fix: convert '
-                         'a bfloat16, float16 or float32 release.')
+    dtype = stored_dtype(path, files)
+    dtype = 'float32' if dtype == 'float16' else dtype
   flat, target, by_file = {}, np_dtype(dtype), {}
   for name in wanted:
     by_file.setdefault(files[name], []).append(name)
@@ -189,13 +193,29 @@ def load_hf_params(path, model_cfg=None, dtype: str | None = None) -> dict:
   return params
 
 
+def stored_dtype(path, files: dict | None = None) -> str:
+  """'float32' | 'bfloat16' | 'float16': how a Hugging Face directory stores its embedding (the
+  dtype of the whole checkpoint; `--to_hf` writes it back in it)."""
+  files = _weight_files(os.fspath(path)) if files is None else files
+  name = 'model.embed_tokens.weight'
+  if name not in files:
+    raise ConvertError(f'{path} has no {name}. Fix: download every shard of the checkpoint.')
+  with _open(files[name]) as fh:
+    stored = fh.get_slice(name).get_dtype()
+  if stored not in STORED:
+    raise ConvertError(f'{path}: weights stored as {stored} are not supported. Fix: convert '
+                       'a bfloat16, float16 or float32 release.')
+  return STORED[stored]
+
+
 def params_to_hf_state(params: dict, tie_embeddings: bool) -> dict:
   """{HF tensor name: C-contiguous numpy array} of decoder params, in Hugging Face's order."""
   out = {'model.embed_tokens.weight': np.ascontiguousarray(np.asarray(params['embed']))}
   layers = params['layers']
   num_layers = np.shape(layers['attn']['wq'])[0]
+  names = list(LAYER_NAMES) + [b for b in BIAS_NAMES if b[1] in layers['attn']]
   for i in range(num_layers):
-    for sub in LAYER_NAMES:
+    for sub in names:
       a = np.asarray(layers[sub[0]][sub[1]][i])
       out[_hf_name(('layers',) + sub, i)] = _to_hf(sub, a)
   out['model.norm.weight'] = np.ascontiguousarray(np.asarray(params['final_norm']['scale']))

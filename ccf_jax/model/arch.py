@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -39,6 +40,7 @@ class Arch:
   eval_loss: Callable | None = None
 
 
+@jax.named_scope('loss')
 def token_ce_sums(logits, tokens, loss_mask):
   """Next-token cross-entropy sums: logits[:, :-1] predict tokens[:, 1:], weighted by loss_mask."""
   w = loss_mask[..., 1:].astype(jnp.float32)

@@ -2,7 +2,8 @@
 
 Every mask the models use is a union of a few key-index ranges per query, intersected with a
 per-key validity flag:
-  * causal (plain decoder): query i sees keys [0, i + 1);
+  * causal (plain decoder): query i sees keys [0, i + 1), or [i - W + 1, i + 1) with a sliding
+    window of W keys (`model.sliding_window`: the blocked kernel skips key blocks below it);
   * CCF encoder over [segment ; memory]: token i sees [0, i + 1); memory slot j sees [0, cover_j)
     (the tokens it summarises) and [l + j, l + j + 1) (itself): two ranges;
   * CCF decoder over [memory rows ; tokens] and the inference cache over [memory ; raw ; new]:
@@ -23,12 +24,16 @@ A plain boolean mask (e.g. from a caller that builds its own) is still accepted 
   splash   splash.py: Pallas TPU splash attention (interpret mode off TPU, for tests);
   auto     `resolve`: per platform, with one warning line whenever it leaves the preferred one.
 `CALLS` counts, at trace time, which implementation each traced attention used: tests read it to
-prove the configured one is the one that runs.
+prove the configured one is the one that runs. `target_platform` makes `auto` (and the kernels'
+platform checks) answer for the platform a program is compiled for rather than the host's:
+`ccf_jax.plan` compiles a TPU slice's step on a CPU host and must plan splash, not the CPU choice.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import logging
 import math
 
@@ -40,6 +45,23 @@ from ccf_jax.model import blocked_attention, splash
 from ccf_jax.model.spans import Spans, as_dense
 
 CALLS: collections.Counter = collections.Counter()  # impl -> attentions traced with it.
+_TARGET = contextvars.ContextVar('attention_target_platform', default=None)
+
+
+def platform() -> str:
+  """The platform attentions are traced for: `target_platform`'s, else JAX's default backend."""
+  return _TARGET.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def target_platform(name: str | None):
+  """Traces attentions for platform `name` ('tpu', 'gpu', 'cpu'; None = the default backend):
+  what an ahead-of-time compile for another platform (train/plan.py) wraps its lowering in."""
+  token = _TARGET.set(name)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,9 +88,14 @@ def dpa_attend(q, k, v, mask, implementation: str):
   """jax.nn.dot_product_attention with the mask as that API takes it: boolean [B|1, 1, Lq, Lk]
   (a 3-D mask would be read as [1, B, Lq, Lk], the batch as heads). Its fully masked rows return
   mean(V) (masked logits are finite), so they are zeroed to match `dense_attend`. The square
-  causal mask goes as is_causal (cuDNN's native causal mode, no dense bias)."""
+  causal mask goes as is_causal, a sliding window as local_window_size (cuDNN's native causal and
+  local-window modes, no dense bias)."""
   if isinstance(mask, Spans) and mask.causal and q.shape[1] == k.shape[1]:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    # local_window_size only when there is a window: the plain causal call then needs nothing
+    # beyond is_causal, which every JAX with this API has.
+    local = {'local_window_size': (mask.window - 1, 0)} if mask.window else {}
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation,
+                                        **local)
   m = as_dense(mask, k.shape[1])
   out = jax.nn.dot_product_attention(q, k, v, mask=m[:, None], implementation=implementation)
   return out * m.any(-1)[:, :, None, None].astype(out.dtype)
@@ -96,20 +123,21 @@ def resolve(impl: str, q, k) -> str:
   warning line when it cannot take the platform's preferred kernel."""
   if impl != 'auto':
     return impl
-  platform = jax.default_backend()
-  if platform == 'gpu':
+  target = platform()
+  if target == 'gpu':
     if q.dtype in (jnp.bfloat16, jnp.float16):
       return 'cudnn'
     _warn_once(f'model.attention_impl=auto: cudnn needs bf16/fp16 ({q.dtype} here); using xla.')
     return 'xla'
-  if platform == 'tpu':
+  if target == 'tpu':
     return 'splash'
-  if platform != 'cpu':
-    _warn_once(f'model.attention_impl=auto: no preferred kernel on {platform!r}; using xla.')
+  if target != 'cpu':
+    _warn_once(f'model.attention_impl=auto: no preferred kernel on {target!r}; using xla.')
     return 'xla'
   return cpu_choice(q, k)
 
 
+@jax.named_scope('attention')  # Profiles attribute its time (bench profile).
 def attend(q, k, v, mask, impl: str = 'xla', block: int = 128):
   """Grouped-query softmax attention, q: [B, Lq, H, D]; k, v: [B, Lk, K, D] with H % K == 0;
   mask: `Spans` or bool broadcastable to [B, Lq, Lk] (True = may attend). Softmax in float32; a
@@ -122,10 +150,10 @@ def attend(q, k, v, mask, impl: str = 'xla', block: int = 128):
   if impl == 'blocked':
     return blocked_attention.blocked_attend(q, k, v, mask, block)
   if impl == 'cudnn':
-    if jax.default_backend() != 'gpu':
+    if platform() != 'gpu':
       raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU (backend is "
-                        f"{jax.default_backend()!r}). Fix: use 'auto', 'xla' or 'blocked'.")
+                        f"{platform()!r}). Fix: use 'auto', 'xla' or 'blocked'.")
     return dpa_attend(q, k, v, mask, 'cudnn')
   if impl == 'splash':
-    return splash.splash_attend(q, k, v, mask, block)
+    return splash.splash_attend(q, k, v, mask, block, interpret=platform() != 'tpu')
   raise ConfigError(f'model.attention_impl={impl!r}; choose one of {IMPLS}.')

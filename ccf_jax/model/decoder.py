@@ -48,6 +48,30 @@ def latent_blocks(num_layers: int) -> int:
   return num_layers - 1 if num_layers >= 3 else num_layers
 
 
+@jax.custom_vjp
+def head_matmul(x, w):
+  """x [B, L, d] @ w [d, V] in their (compute) dtype with float32 products out: bfloat16 logits of
+  a large vocabulary would round the loss. Autodiff of a float32-output product would run both
+  backward matmuls in float32 on upcast operands (the largest matmuls of a small model); here the
+  cotangent is cast to the operands' dtype first, so they run at bfloat16 cost too."""
+  return jnp.einsum('bld,dv->blv', x, w, preferred_element_type=jnp.float32)
+
+
+def _head_fwd(x, w):
+  return head_matmul(x, w), (x, w)
+
+
+def _head_bwd(res, g):
+  x, w = res
+  g = g.astype(x.dtype)
+  dx = jnp.einsum('blv,dv->bld', g, w)
+  dw = jnp.einsum('bld,blv->dv', x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+  return dx, dw
+
+
+head_matmul.defvjp(_head_fwd, _head_bwd)
+
+
 class Decoder(nnx.Module):
   """Embedding -> scanned blocks -> final RMSNorm -> LM head (optionally tied)."""
 
@@ -128,21 +152,21 @@ class Decoder(nnx.Module):
     return x, hs
 
   def logits(self, x):
+    """float32 logits [B, L, vocab] (`head_matmul`: compute-dtype matmuls, float32 results)."""
     x = self.final_norm(x)
     dt = DTYPES[self.cfg.dtype]
-    if self.cfg.tie_embeddings:
-      out = jnp.einsum('bld,vd->blv', x, self.embed[...].astype(dt))
-    else:
-      out = jnp.einsum('bld,dv->blv', x, self.lm_head[...].astype(dt))
-    return sharding.constrain(out.astype(jnp.float32), ('batch', 'length', 'vocab'))
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return sharding.constrain(head_matmul(x, w.astype(dt)), ('batch', 'length', 'vocab'))
 
   def __call__(self, tokens, positions=None, mask=None):
-    """Plain causal LM: tokens int32[B, L] -> float32 logits [B, L, vocab]."""
+    """Plain causal LM: tokens int32[B, L] -> float32 logits [B, L, vocab]; the default mask is
+    causal, within `model.sliding_window` keys when that is set (get(): exports made before the
+    field existed)."""
     length = tokens.shape[-1]
     if positions is None:
       positions = jnp.arange(length)[None]
     if mask is None:
-      mask = spans.causal(length)
+      mask = spans.causal(length, int(self.cfg.get('sliding_window', 0)))
     x, _ = self.run_layers(self.embed_tokens(tokens), positions, mask)
     return self.logits(x)
 

@@ -41,31 +41,73 @@ class RMSNorm(nnx.Module):
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling=None) -> jax.Array:
-  """Inverse frequencies, with Llama-3 `rope_scaling` (factor, low/high_freq_factor, original len)."""
+  """Inverse frequencies [head_dim / 2] under `model.rope_scaling` (empty: none), as transformers'
+  `modeling_rope_utils` computes them, so converted long-context models keep their logits:
+  rope_type 'llama3' (factor, low/high_freq_factor, original length; also a scaling without
+  rope_type, as configs written before the key have it), 'linear' (positions divided by factor)
+  or 'yarn' (NTK-by-parts: high frequencies kept, low ones interpolated, a linear ramp between;
+  its `rope_attention_scale` multiplies cos and sin)."""
   inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  if scaling and scaling.get('factor'):
-    factor = float(scaling['factor'])
-    low = float(scaling.get('low_freq_factor', 1.0))
-    high = float(scaling.get('high_freq_factor', 4.0))
-    orig = float(scaling.get('original_max_position_embeddings', 8192))
-    wavelen = 2 * math.pi / inv
-    low_wl, high_wl = orig / low, orig / high
-    smooth = (orig / wavelen - low) / (high - low)
-    scaled = jnp.where(wavelen > low_wl, inv / factor, inv)
-    mid = (1 - smooth) * inv / factor + smooth * inv
-    is_mid = (wavelen <= low_wl) & (wavelen >= high_wl)
-    inv = jnp.where(is_mid, mid, scaled)
-  return inv
+  scaling = dict(scaling or {})
+  if not scaling.get('factor'):
+    return inv
+  kind, factor = scaling.get('rope_type', 'llama3'), float(scaling['factor'])
+  if kind == 'linear':
+    return inv / factor
+  if kind == 'yarn':
+    low, high = _yarn_range(head_dim, theta, scaling)
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low)
+                    / (high - low if high != low else 0.001), 0, 1)
+    return inv / factor * ramp + inv * (1 - ramp)
+  low = float(scaling.get('low_freq_factor', 1.0))
+  high = float(scaling.get('high_freq_factor', 4.0))
+  orig = float(scaling.get('original_max_position_embeddings', 8192))
+  wavelen = 2 * math.pi / inv
+  low_wl, high_wl = orig / low, orig / high
+  smooth = (orig / wavelen - low) / (high - low)
+  scaled = jnp.where(wavelen > low_wl, inv / factor, inv)
+  mid = (1 - smooth) * inv / factor + smooth * inv
+  is_mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+  return jnp.where(is_mid, mid, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def _yarn_range(dim: int, base: float, scaling: dict) -> tuple[float, float]:
+  """YaRN's correction range: the frequency indices that make beta_fast and beta_slow rotations
+  over the original context (floored/ceiled unless truncate is false), clipped to [0, dim - 1]."""
+  orig = float(scaling['original_max_position_embeddings'])
+  fast, slow = float(scaling.get('beta_fast') or 32), float(scaling.get('beta_slow') or 1)
+  at = lambda rot: dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+  low, high = at(fast), at(slow)
+  if scaling.get('truncate', True):
+    low, high = math.floor(low), math.ceil(high)
+  return max(low, 0), min(high, dim - 1)
+
+
+def rope_attention_scale(scaling=None) -> float:
+  """YaRN's factor on cos and sin (so on every q.k product, squared): `attention_factor` when
+  given, else from factor (and mscale / mscale_all_dim), as transformers derives it; 1 otherwise."""
+  scaling = dict(scaling or {})
+  if scaling.get('rope_type') != 'yarn' or not scaling.get('factor'):
+    return 1.0
+  if scaling.get('attention_factor') is not None:
+    return float(scaling['attention_factor'])
+  factor = float(scaling['factor'])
+  mscale = lambda m: 1.0 if factor <= 1 else 0.1 * float(m) * math.log(factor) + 1.0
+  if scaling.get('mscale') and scaling.get('mscale_all_dim'):
+    return mscale(scaling['mscale']) / mscale(scaling['mscale_all_dim'])
+  return mscale(1.0)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+               scale: float = 1.0) -> jax.Array:
   """Rotary embedding, half-split layout (Hugging Face Llama's `rotate_half`).
 
-  x: [..., length, heads, head_dim]; positions: [..., length] (broadcastable to x's leading axes).
+  x: [..., length, heads, head_dim]; positions: [..., length] (broadcastable to x's leading axes);
+  scale multiplies cos and sin (`rope_attention_scale`).
   """
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., length, head_dim/2]
-  cos = jnp.cos(angles)[..., None, :]
-  sin = jnp.sin(angles)[..., None, :]
+  cos = jnp.cos(angles)[..., None, :] * scale
+  sin = jnp.sin(angles)[..., None, :] * scale
   x32 = x.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -82,6 +124,11 @@ class Attention(nnx.Module):
     self.wk = _param(rngs, (d, k, hd), ('embed', 'kv_heads', 'head_dim'), std, pd)
     self.wv = _param(rngs, (d, k, hd), ('embed', 'kv_heads', 'head_dim'), std, pd)
     self.wo = _param(rngs, (h, hd, d), ('heads', 'head_dim', 'embed'), std / math.sqrt(2 * cfg.num_layers), pd)
+    self.qkv_bias = bool(cfg.get('qkv_bias', False))
+    if self.qkv_bias:  # Qwen2's q/k/v projection biases; zero at initialisation.
+      self.bq = nnx.Param(jnp.zeros((h, hd), pd), out_sharding=('heads', 'head_dim'))
+      self.bk = nnx.Param(jnp.zeros((k, hd), pd), out_sharding=('kv_heads', 'head_dim'))
+      self.bv = nnx.Param(jnp.zeros((k, hd), pd), out_sharding=('kv_heads', 'head_dim'))
     self.dtype = DTYPES[cfg.dtype]
     # get(): model configs exported before the fields existed.
     self.attention_impl = cfg.get('attention_impl', 'auto')
@@ -93,6 +140,9 @@ class Attention(nnx.Module):
     hd, theta, scaling = self.rope
     return rope_frequencies(hd, theta, dict(scaling))
 
+  def _rope(self, x, positions):
+    return apply_rope(x, positions, self.inv_freq, rope_attention_scale(dict(self.rope[2])))
+
   def _w(self, p):
     return p[...].astype(self.dtype)
 
@@ -103,11 +153,13 @@ class Attention(nnx.Module):
     """
     k = jnp.einsum('bld,dkh->blkh', h, self._w(self.wk))
     v = jnp.einsum('bld,dkh->blkh', h, self._w(self.wv))
+    if self.qkv_bias:
+      k, v = k + self._w(self.bk), v + self._w(self.bv)
     if k_delta is not None:
       k = k + k_delta
     if v_delta is not None:
       v = v + v_delta
-    k = sharding.constrain(apply_rope(k, positions, self.inv_freq), ('batch', 'length', 'kv_heads', 'head_dim'))
+    k = sharding.constrain(self._rope(k, positions), ('batch', 'length', 'kv_heads', 'head_dim'))
     v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'head_dim'))
     return k, v
 
@@ -124,9 +176,11 @@ class Attention(nnx.Module):
     `attention.attend` with `model.attention_impl` and `model.attention_block`.
     """
     q = jnp.einsum('bld,dhk->blhk', h, self._w(self.wq))
+    if self.qkv_bias:
+      q = q + self._w(self.bq)
     if q_delta is not None:
       q = q + q_delta
-    q = sharding.constrain(apply_rope(q, positions, self.inv_freq), ('batch', 'length', 'heads', 'head_dim'))
+    q = sharding.constrain(self._rope(q, positions), ('batch', 'length', 'heads', 'head_dim'))
     k, v = self.project_kv(h, positions, v_delta=v_delta)
     if kv_prefix is not None:
       k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)

@@ -17,17 +17,20 @@ import jax.numpy as jnp
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=('lo', 'hi', 'key_ok'),
-                   meta_fields=('causal',))
+                   meta_fields=('causal', 'window'))
 @dataclasses.dataclass(frozen=True)
 class Spans:
   """Query i of batch row b may see key j iff some r has lo[b, i, r] <= j < hi[b, i, r], and
   key_ok[b, j] (when given). Leading axes of size 1 broadcast over the batch. `causal` marks the
-  square causal mask (lo = 0, hi = i + 1, no key flags): kernels with a native causal mode use it.
+  square causal mask (hi = i + 1, no key flags), with `window` > 0 a sliding window of that many
+  keys (lo = max(0, i - window + 1), else lo = 0): kernels with a native causal or local-window
+  mode use them; lo/hi hold the same mask for every other kernel.
   """
   lo: jax.Array
   hi: jax.Array
   key_ok: jax.Array | None = None
   causal: bool = False
+  window: int = 0
 
   @property
   def num_queries(self) -> int:
@@ -53,10 +56,12 @@ def block_mask(lo, hi, key_ok, j) -> jax.Array:
   return m if key_ok is None else m & key_ok[:, None, :]
 
 
-def causal(length: int) -> Spans:
-  """The plain decoder's mask over `length` tokens."""
+def causal(length: int, window: int = 0) -> Spans:
+  """The plain decoder's mask over `length` tokens; `window` > 0: query i sees only the `window`
+  keys i - window + 1 .. i (Mistral's `sliding_window`, as transformers masks it)."""
   i = jnp.arange(length, dtype=jnp.int32)[None, :, None]
-  return Spans(jnp.zeros_like(i), i + 1, None, causal=True)
+  lo = jnp.maximum(i - window + 1, 0) if window > 0 else jnp.zeros_like(i)
+  return Spans(lo, i + 1, None, causal=True, window=max(int(window), 0))
 
 
 def prefix_causal(prefix_ok: jax.Array, num_queries: int) -> Spans:

@@ -1,7 +1,8 @@
 """`model.attention_impl='splash'`: JAX's Pallas TPU splash attention with the CCF masks.
 
 Splash takes a mask object per head and skips the blocks it marks empty, in the forward and the
-backward kernels. The plain decoder's causal mask is static and goes as `CausalMask`. The CCF
+backward kernels. The plain decoder's causal mask is static and goes as `CausalMask` (with a
+sliding window, `LocalMask`: key blocks below the window are skipped). The CCF
 masks depend on traced data (each window's ratio, valid rows, the segments a query may see), so
 they go through splash's dynamic-mask path: per example a [heads, Lq, Lk] mask, built from the
 `attention.Spans` descriptor inside the vmapped kernel (the path MaxText's tokamax splash uses).
@@ -15,7 +16,10 @@ Kernel constraints it meets here rather than refusing:
     no gradient to real keys;
   * no softmax scale inside the kernel: q is pre-scaled by 1/sqrt(D);
   * in jax 0.10.2 (and through 0.11) building a dynamic-mask kernel under jit fails on a Python
-    bool (`is_dynamic_mask`) turned into an array; the flag is set back after construction.
+    bool (`is_dynamic_mask`) turned into an array; the flag is set back after construction;
+  * a Mosaic kernel is a custom call that XLA cannot partition ("Mosaic kernels cannot be
+    automatically partitioned"): under a mesh of several devices it runs inside `shard_map`,
+    each device on its own batch rows and heads (`_per_device`).
 Off TPU it runs in Pallas interpret mode: correct, slow, for tests.
 """
 
@@ -26,6 +30,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
+from ccf_jax.core import sharding
 from ccf_jax.model.spans import Spans, as_dense
 
 
@@ -55,21 +62,60 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def splash_attend(q, k, v, mask, block: int = 128):
+def _per_device(fn, q, k, v, mask):
+  """fn(q, k, v, mask) on each device's shard under `shard_map` when a mesh of several devices
+  is in scope (module doc), else fn itself. The batch axis takes the mesh axes of the logical
+  'batch' axis and heads those of 'heads' / 'kv_heads' (both split alike, so every query head
+  finds its key/value head on its device), each only where it divides the dimension; lengths,
+  head_dim and the mask's per-query and per-key axes stay whole."""
+  mesh, rules = jax.sharding.get_abstract_mesh(), sharding.active_rules()
+  if mesh is None or mesh.empty or mesh.size == 1 or rules is None:
+    return fn(q, k, v, mask)
+
+  def spec(names, shape):
+    axes = sharding.logical_to_spec(names, rules)
+    return P(*(e if e is not None and d % sharding.mesh_axis_size(mesh, e) == 0 else None
+               for e, d in zip(axes, shape)))
+
+  qs = spec(('batch', None, 'heads', None), q.shape)
+  ks = spec(('batch', None, 'kv_heads', None), k.shape)
+  if (qs[2] is None) != (ks[2] is None):  # Split heads only where both kinds split.
+    qs, ks = P(qs[0], None, None, None), P(ks[0], None, None, None)
+  batch = qs[0] if qs[0] == ks[0] else None
+  qs, ks = P(batch, *qs[1:]), P(batch, *ks[1:])
+  # Spans' arrays all lead with [B|1]; a boolean mask does when it is [B|1, Lq, Lk].
+  lead = 1 if isinstance(mask, Spans) else 3
+  ms = jax.tree.map(lambda a: P(batch if a.ndim >= lead and a.shape[0] == q.shape[0] else None,
+                                *([None] * (a.ndim - 1))), mask)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qs, ks, ks, ms), out_specs=qs,
+                       check_vma=False)(q, k, v, mask)
+
+
+def splash_attend(q, k, v, mask, block: int = 128, interpret: bool | None = None):
   """`attention.dense_attend(q, k, v, mask)` through splash attention. q: [B, Lq, H, D]; k, v:
   [B, Lk, K, D]; mask: `attention.Spans` or bool [B|1, Lq, Lk]. `block` (a multiple of 128, else
-  128) is splash's query/key block."""
+  128) is splash's query/key block. `interpret`: Pallas interpret mode; None = off TPU only (an
+  ahead-of-time compile for TPU from a CPU host passes False: the Mosaic kernel is lowered)."""
+  if interpret is None:
+    interpret = jax.default_backend() != 'tpu'
+  local = lambda q, k, v, mask: _splash(q, k, v, mask, block, interpret)
+  return _per_device(local, q, k, v, mask)
+
+
+def _splash(q, k, v, mask, block: int, interpret: bool):
+  """`splash_attend` on one device's arrays."""
   sk, sm = _modules()
   b, lq, h, d = q.shape
   lk = k.shape[1]
   bs = block if block % 128 == 0 else 128
-  interpret = jax.default_backend() != 'tpu'
   qt = (q / jnp.asarray(math.sqrt(d), q.dtype)).transpose(0, 2, 1, 3)  # [B, H, Lq, D]
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, Lk, D]
   if isinstance(mask, Spans) and mask.causal and lq == lk:
     n = _round_up(lq, bs)
     pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, n - lq), (0, 0)))
-    heads = sm.MultiHeadMask([sm.CausalMask((n, n)) for _ in range(h)])
+    one = (sm.LocalMask((n, n), window_size=(mask.window - 1, 0), offset=0) if mask.window
+           else sm.CausalMask((n, n)))  # Static masks: splash skips the blocks they leave empty.
+    heads = sm.MultiHeadMask([one for _ in range(h)])
     kernel = sk.make_splash_mha_single_device(mask=heads, block_sizes=_block_sizes(sk, bs),
                                               interpret=interpret)
     out = jax.vmap(kernel)(pad(qt), pad(kt), pad(vt))

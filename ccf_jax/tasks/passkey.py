@@ -13,11 +13,14 @@ CCF model with the key in the first segment and the question in the last, the ke
 through memory.
 
 Why these choices:
-  * Tokenizer-agnostic: the caller passes `encode: str -> list[int]` (a ccf_jax Tokenizer's
-    `encode`, or a toy character map in tests). Statement, question and answer are encoded
-    separately and concatenated, so their token ids are the same in every example whatever the
-    depth; with a digit-splitting tokenizer (ccf_jax's trains with split_digits) every answer token
-    is one digit and `score` gives per-digit accuracy (chance 10%).
+  * Tokenizer-agnostic: the caller passes `encode: str -> list[int]` (a ccf_jax tokenizer's
+    `encode`, or a toy character map in tests). The text around the key is encoded in pieces and
+    the key is spelt one token per digit (`digit_ids`), so every answer token is one digit and
+    `score` gives per-digit accuracy (chance 10%), the statement has the same length for every key,
+    and the key's tokens sit at a known place. For digit-splitting tokenizers (the sentencepiece
+    models ccf_jax trains, SmolLM's byte-level BPE) this is exactly how they encode the whole
+    sentence; BPEs that merge digits (GPT-2's 'Ġ123', Llama-3's '123') would otherwise give keys of
+    varying token counts, spaces glued to digits and answers that never occur in the statement.
   * The filler is the standard repeated sentences, or any token stream the caller provides (e.g.
     held-out text), cycled to the exact length needed.
   * Depth is the fraction of the filler placed before the key statement (0 = right after bos,
@@ -38,6 +41,34 @@ STATEMENT = 'The pass key is {key}. Remember it. {key} is the pass key. '
 QUESTION = 'What is the pass key? The pass key is'
 
 
+def digit_ids(encode: Callable[[str], Sequence[int]]) -> list[int]:
+  """The token id of each digit 0-9 as it reads inside a number.
+
+  A tokenizer that splits digits encodes '0123456789' as ten tokens (after a leading space piece
+  for sentencepiece models with a dummy prefix): those are the ids. Otherwise (BPEs that merge
+  digit runs) each digit alone is one token of byte-level vocabularies: its last token is used."""
+  ids = list(encode('0123456789'))
+  digits = ids[-10:] if len(ids) >= 10 else [list(encode(str(d)))[-1] for d in range(10)]
+  if len(set(digits)) != 10:
+    raise ValueError(f'the tokenizer has no distinct token per digit (ids {digits}), so a passkey '
+                     'cannot be spelt digit by digit.')
+  return [int(t) for t in digits]
+
+
+def key_tokens(encode: Callable[[str], Sequence[int]], key: str) -> list[int]:
+  """The key's tokens: one per digit (`digit_ids`)."""
+  digits = digit_ids(encode)
+  return [digits[int(c)] for c in key]
+
+
+def statement_tokens(encode: Callable[[str], Sequence[int]], key: str) -> tuple[list[int], int]:
+  """(tokens of STATEMENT with `key`, index of the key's first token in them)."""
+  before, middle, after = STATEMENT.split('{key}')
+  k = key_tokens(encode, key)
+  head = list(encode(before))
+  return head + k + list(encode(middle)) + k + list(encode(after)), len(head)
+
+
 @dataclasses.dataclass
 class Example:
   """One passkey document."""
@@ -46,6 +77,7 @@ class Example:
   key: str  # The digits.
   key_start: int  # Index of the statement's first token.
   answer_start: int  # Index of the answer's first token (the answer runs to the end).
+  key_tokens_start: int = -1  # Index of the first token of the key in the statement.
 
 
 def make_example(encode: Callable[[str], Sequence[int]], length: int, depth: float,
@@ -56,9 +88,9 @@ def make_example(encode: Callable[[str], Sequence[int]], length: int, depth: flo
     raise ValueError(f'depth={depth} must lie in [0, 1].')
   key = ''.join(str(d) for d in rng.integers(0, 10, num_digits))
   prefix = [] if bos_id is None else [int(bos_id)]
-  statement = list(encode(STATEMENT.format(key=key)))
+  statement, key_at = statement_tokens(encode, key)
   question = list(encode(QUESTION))
-  answer = list(encode(key))
+  answer = key_tokens(encode, key)
   num_fill = length - len(prefix) - len(statement) - len(question) - len(answer)
   if num_fill < 0:
     raise ValueError(f'length={length} cannot hold the passkey statement, question and answer '
@@ -71,7 +103,8 @@ def make_example(encode: Callable[[str], Sequence[int]], length: int, depth: flo
   tokens = prefix + fill[:at] + statement + fill[at:] + question + answer
   mask = np.zeros(length, np.float32)
   mask[length - len(answer):] = 1.0
-  return Example(np.asarray(tokens, np.int32), mask, key, len(prefix) + at, length - len(answer))
+  return Example(np.asarray(tokens, np.int32), mask, key, len(prefix) + at, length - len(answer),
+                 len(prefix) + at + key_at)
 
 
 def make_batch(encode: Callable[[str], Sequence[int]], batch_size: int, num_segments: int,
@@ -100,12 +133,10 @@ def depth_range_in_segment(encode: Callable[[str], Sequence[int]], length: int, 
                            segment_len: int, num_digits: int = 5, bos: bool = True):
   """(lo, hi) depths that put the whole key statement inside segment `segment` (0-based).
 
-  Assumes the statement's token count does not depend on the digits (true for tokenizers that
-  split digits, as ccf_jax's do).
+  The statement's token count does not depend on the digits (they are spelt one token each).
   """
-  statement = len(encode(STATEMENT.format(key='0' * num_digits)))
-  num_fill = (length - int(bos) - statement - len(encode(QUESTION))
-              - len(encode('0' * num_digits)))
+  statement = len(statement_tokens(encode, '0' * num_digits)[0])
+  num_fill = length - int(bos) - statement - len(encode(QUESTION)) - num_digits
   first = max(0, segment * segment_len - int(bos))
   last = (segment + 1) * segment_len - int(bos) - statement
   if last < first or num_fill <= 0:
@@ -193,14 +224,9 @@ class PasskeySource:
 
 
 def key_digits_mask(ex: Example, length: int) -> np.ndarray:
-  """float32[length]: 1 on the first occurrence of the key's tokens (the answer, the document's
-  last tokens) after the statement's start, i.e. the digits of the key's first statement."""
-  answer = ex.tokens[ex.answer_start:]
-  n = len(answer)
-  for i in range(ex.key_start, ex.answer_start - n + 1):
-    if np.array_equal(ex.tokens[i:i + n], answer):
-      mask = np.zeros(length, np.float32)
-      mask[i:i + n] = 1.0
-      return mask
-  raise ValueError('the key does not occur in its statement (a tokenizer that merges digits with '
-                   'their neighbours?).')
+  """float32[length]: 1 on the tokens of the key's first statement (the digits the answer, the
+  document's last tokens, repeats)."""
+  n = len(ex.tokens) - ex.answer_start
+  mask = np.zeros(length, np.float32)
+  mask[ex.key_tokens_start:ex.key_tokens_start + n] = 1.0
+  return mask

@@ -5,8 +5,9 @@ Exit codes (README "Where outputs go" documents them for schedulers):
 
   0   finished: train.steps reached, or train.time_budget_s spent (a checkpoint was written).
   1   an error in the input (config, data, checkpoint, export, flags): one line naming the fix.
-  3   diverged: a non-finite loss, gradient or update; the bad state was not saved, the earlier
-      checkpoints are intact.
+  3   diverged: a non-finite loss, gradient or update, an update over train.max_update_ratio, or
+      a loss over train.divergence_factor times its best (`LossWatch`); the bad state was not
+      saved, the last good checkpoint is kept.
   73  the workdir is locked by another live run (EX_CANTCREAT).
   74  a storage fault: a path not writable, a read-only file system, a full disk (EX_IOERR).
   75  stopped by SIGTERM after a checkpoint: resumable, run the same command again (EX_TEMPFAIL).
@@ -21,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -54,12 +56,19 @@ class WorkdirLockedError(RuntimeError):
 
 
 def storage_errno(e: BaseException) -> Optional[int]:
-  """The errno of a storage fault anywhere in `e`'s cause/context chain, else None."""
+  """The errno of a storage fault anywhere in `e`'s cause/context chain, else None.
+
+  Besides OSErrors this reads TensorStore's errors (raised as ValueError by Orbax's array
+  writes, e.g. a disk filling up in the middle of a save), which carry the errno as
+  `[os_error_code='28']`."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
       return e.errno
+    m = re.search(r"os_error_code='?(\d+)", str(e)) if not isinstance(e, OSError) else None
+    if m and int(m.group(1)) in STORAGE_ERRNOS:
+      return int(m.group(1))
     e = e.__cause__ or e.__context__
   return None
 
@@ -211,6 +220,45 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+# ---------------------------------------------------------------------------------- divergence
+class LossWatch:
+  """Detects a loss that exploded while staying finite, from the losses the loop already fetches.
+
+  The baseline is the best (lowest) exponential moving average of the training loss seen so far:
+  the average smooths out single easy batches (a running minimum of raw losses would latch onto
+  one and call ordinary batches divergence), and its best value does not follow a slow climb the
+  way the average itself would. A step whose loss exceeds `factor * max(best, floor)` is
+  divergence: a sudden jump (lr far too high) and a slow climb to that level both cross it, and
+  the floor of 1 nat keeps a task trained to a near-zero loss (passkey) from calling a few
+  hundredths of a nat a factor of three. Cheap: a few float operations per step on the host.
+
+  Its state travels in each checkpoint's metadata (`state_dict`), so a resumed run keeps the
+  baseline of the run it continues rather than taking a diverged state's loss as its reference.
+  """
+
+  def __init__(self, factor: float, decay: float = 0.99, floor: float = 1.0,
+               state: Optional[dict] = None):
+    self.factor, self.decay, self.floor = float(factor), decay, floor
+    state = state or {}
+    self.ema: Optional[float] = state.get('ema')
+    self.best: Optional[float] = state.get('best')
+
+  def check(self, loss: float) -> Optional[str]:
+    """Takes one step's (finite) loss; returns why it is divergence, or None and updates the
+    baseline."""
+    if self.factor <= 0:
+      return None
+    if self.best is not None and loss > self.factor * max(self.best, self.floor):
+      return (f'loss {loss:.4g} exceeds train.divergence_factor={self.factor:g} times its best '
+              f'smoothed value {self.best:.4g}')
+    self.ema = loss if self.ema is None else self.decay * self.ema + (1 - self.decay) * loss
+    self.best = self.ema if self.best is None else min(self.best, self.ema)
+    return None
+
+  def state_dict(self) -> dict:
+    return {'ema': self.ema, 'best': self.best}
 
 
 # ------------------------------------------------------------------------- entry-point errors

@@ -59,6 +59,8 @@ class MetricWriter:
       parts.append(f'{s["tokens_per_s"]:,.0f} tok/s')
     if 'tflops' in s:
       parts.append(f'{s["tflops"] * 1e3:.1f} GFLOP/s')
+    if 'mfu' in s:
+      parts.append(f'MFU {s["mfu"]:.1%}')
     if 'lr' in s:
       parts.append(f'lr {s["lr"]:.2e}')
     if prefix == 'train' and step > 0:

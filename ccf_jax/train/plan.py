@@ -23,6 +23,11 @@ bfloat16 handling differ from the target's, so treat them as indicative; the ana
 exact either way. `--compile=no` skips compiling (analytic rows only, clearly labelled; the fit
 check is then a lower bound).
 
+The step is traced for the platform it is compiled for (`attention.target_platform`), not for
+this host: with the TPU compiler `model.attention_impl=auto` plans splash attention and splash
+lowers its Mosaic kernels, as on the slice; under XLA:CPU it plans the CPU's choice. The report
+names the kernels traced and the precision of parameters, optimizer state and compute.
+
 Why the entry point sets the device count itself: a mesh of 256 devices can only be compiled on
 the CPU by a process that has that many virtual host devices, a setting that only takes effect
 before JAX's first operation. `main` learns the count from the topology and the mesh config, then
@@ -47,6 +52,7 @@ import numpy as np
 # Importing jax and ccf_jax starts no backend (see use_virtual_cpu_devices).
 from ccf_jax import registry as arch_lib
 from ccf_jax.core import config_lib
+from ccf_jax.model import attention
 from ccf_jax.train import optim
 from ccf_jax.core import sharding
 from ccf_jax.train import step as ts
@@ -193,13 +199,20 @@ def plan(cfg, topology: Topology | None = None, device_memory_gb: float | None =
     batch = _abstract_batch(cfg)
     batch_sh = ts.batch_shardings(cfg, mesh, batch)
     rows['batch'] = _per_device_bytes(batch, batch_sh)
-    compiled, oom = None, None
+    compiled, oom, kernels = None, None, {}
     if mode != 'none':
       batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            batch, batch_sh)
       step = ts.jit_train_step(cfg, tx, mesh, shardings, batch_sh)
+      before = dict(attention.CALLS)
+      # Attention (`auto`, and splash's Mosaic kernel rather than its interpreter) is traced for
+      # the platform the step is compiled for, which for a TPU slice is not this host's.
+      with attention.target_platform(platform if mode in ('tpu', 'native') else 'cpu'):
+        lowered = step.lower(abstract, batch)
+      kernels = {k: v - before.get(k, 0) for k, v in attention.CALLS.items()
+                 if v > before.get(k, 0)}
       try:
-        compiled = step.lower(abstract, batch).compile()
+        compiled = lowered.compile()
       except Exception as e:  # pylint: disable=broad-except
         if 'RESOURCE_EXHAUSTED' not in str(e):
           raise
@@ -225,6 +238,12 @@ def plan(cfg, topology: Topology | None = None, device_memory_gb: float | None =
                            f'{platform.upper()} compiler: indicative only)'),
                    'none': why}[mode]}
   result['fixes'] = _fixes(cfg, n)
+  result['attention'] = {'configured': cfg.model.attention_impl, 'traced': kernels}
+  float_dtypes = lambda tree: sorted({a.dtype.name for a in jax.tree.leaves(tree)
+                                      if jnp.issubdtype(a.dtype, jnp.floating)})
+  result['precision'] = {'compute': cfg.model.dtype, 'trainable': float_dtypes(abstract.params),
+                         'optimizer_state': float_dtypes(abstract.opt_state),
+                         'frozen': float_dtypes(abstract.frozen)}
   if oom is not None:
     result['compile_oom'] = oom
   if compiled is not None:
@@ -257,8 +276,11 @@ def _fixes(cfg, n: int) -> list:
     out.append(f'move devices from data to fsdp (--config.mesh.data={sizes["data"] // 2} '
                f'--config.mesh.fsdp={sizes["fsdp"] * 2}) to shard parameters and optimizer state '
                'further')
-  if cfg.model.param_dtype == 'float32':
-    out.append('store parameters in bfloat16 (--config.model.param_dtype=bfloat16)')
+  if cfg.model.param_dtype == 'float32' and not config_lib.base_trains(cfg):
+    out.append('store the frozen base in bfloat16 (--config.model.param_dtype=bfloat16)')
+  elif cfg.model.param_dtype == 'float32':
+    out.append('bfloat16 master weights and AdamW moments (--config.model.param_dtype=bfloat16 '
+               '--config.train.bf16_master_weights=True; updates below 2^-8 of a weight are lost)')
   out.append('chips with more memory (--topology)')
   return out
 
@@ -295,7 +317,15 @@ def format_report(r: dict) -> str:
   for k, v in r['analytic_bytes'].items():
     lines.append(f'    {k:<34}{gb(v)}')
   lines.append(f'    {"total (no activations)":<34}{gb(r["analytic_total_bytes"])}')
+  p = r['precision']
+  lines.append(f'  precision: compute {p["compute"]}; trainable {"/".join(p["trainable"]) or "-"} '
+               f'(optimizer state {"/".join(p["optimizer_state"]) or "-"}); frozen '
+               f'{"/".join(p["frozen"]) or "-"}')
   lines.append(f'  per device, compiled: {r["compiler"]}')
+  if r['attention']['traced']:
+    traced = ', '.join(f'{k} x{v}' for k, v in sorted(r['attention']['traced'].items()))
+    lines.append(f'    attention traced: {traced} (model.attention_impl='
+                 f'{r["attention"]["configured"]})')
   if 'compile_oom' in r:
     lines.append(f'    out of memory: {r["compile_oom"]}')
   if 'compiled_bytes' in r:

@@ -7,8 +7,9 @@ is jitted with these as explicit in/out shardings and donates the state.
 
 Gradient accumulation sums per-token losses and gradients over micro-batches (a `lax.scan`) and
 divides once by the total number of target tokens, so a micro-batch with more padding weighs less
-(the same estimate as one big batch). A non-finite loss, gradient or updated parameter leaves params
-and optimizer state untouched and increments `nonfinite_count`; the loop decides whether to stop
+(the same estimate as one big batch). A non-finite loss, gradient or updated parameter, or an
+update larger than `train.max_update_ratio` times the parameters' norm, leaves params and optimizer
+state untouched and increments `nonfinite_count`; the loop decides whether to stop
 (train.nonfinite).
 """
 
@@ -59,31 +60,59 @@ def _spec_for_path(path, params_specs):
 
 def state_shardings(cfg, abstract_state: TrainState, mesh) -> TrainState:
   """NamedShardings for every leaf of the (abstract) train state."""
-  arch = arch_lib.get_arch(cfg)
-  rules = cfg.mesh.rules
-  specs = model_lib.logical_specs(arch.module_config(cfg), arch.module_cls)
+  arch_lib.param_shardings(cfg, mesh)  # Every parameter dimension divides its mesh axes.
+  specs = arch_lib.param_specs(cfg)
 
   def leaf_sharding(path, leaf):
     spec = _spec_for_path(path, specs)
     if spec is None or len(spec) != len(leaf.shape):
       return NamedSharding(mesh, P())
-    return NamedSharding(mesh, sharding.logical_to_spec(tuple(spec), rules))
+    return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
 
 
-def init_state_fn(cfg, tx, params_fn=None):
-  """A function () -> TrainState building everything from the config (to be jitted)."""
+def init_state_fn(cfg, tx):
+  """A function (params=None) -> TrainState building everything from the config (to be jitted).
+
+  Given `params` (a full parameter tree, e.g. pretrained weights), they are cast to the dtypes of
+  a fresh init and split into trainable and frozen; otherwise parameters are initialised from
+  `train.seed`."""
   arch = arch_lib.get_arch(cfg)
 
-  def init():
-    params = params_fn() if params_fn is not None else model_lib.init_params(
-        arch.module_config(cfg), cfg.train.seed, arch.module_cls)
+  def init(params=None):
+    fresh = lambda: model_lib.init_params(arch.module_config(cfg), cfg.train.seed, arch.module_cls)
+    if params is None:
+      params = fresh()
+    else:
+      dtypes = jax.eval_shape(fresh)
+      params = jax.tree.map(lambda p, a: jnp.asarray(p, a.dtype), params, dtypes)
     trainable, frozen = arch_lib.split_params(cfg, arch, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
                       opt_state=tx.init(trainable), rng=jax.random.key_data(jax.random.key(cfg.train.seed)),
                       nonfinite_count=jnp.zeros((), jnp.int32))
   return init
+
+
+def jit_init_state(cfg, tx, state_sh):
+  """The jitted init from a parameter tree, `(params) -> TrainState`, with `params` sharded like
+  the state and donated (the state reuses their buffers)."""
+  params_sh = arch_lib.merge_params(state_sh.params, state_sh.frozen)
+  return jax.jit(init_state_fn(cfg, tx), in_shardings=(params_sh,), out_shardings=state_sh,
+                 donate_argnums=(0,))
+
+
+def init_state(cfg, tx, state_sh, params=None) -> TrainState:
+  """The initial TrainState, allocated directly in `state_sh`.
+
+  Pretrained `params` (host arrays) are first placed into their shardings with `jax.device_put`
+  and then passed to the jitted init as arguments: closed over, they would become constants of the
+  compiled program, whose size (and compile time) would grow with the weights; at 7B it could not
+  compile at all."""
+  if params is None:
+    return jax.jit(init_state_fn(cfg, tx), out_shardings=state_sh)()
+  params = jax.device_put(params, arch_lib.merge_params(state_sh.params, state_sh.frozen))
+  return jit_init_state(cfg, tx, state_sh)(params)
 
 
 def abstract_state_and_shardings(cfg, tx, mesh):
@@ -136,19 +165,30 @@ def make_train_step(cfg, tx):
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda x: x / denom, g)
     loss = loss_sum / denom
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    with jax.named_scope('optimizer'):
+      updates, new_opt = tx.update(grads, state.opt_state, state.params)
+      new_params = optax.apply_updates(state.params, updates)
     # Finite loss and gradients can still give non-finite parameters (an infinite or huge
     # learning rate): the updated parameters are checked too, so such a state is never kept.
     finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    # A finite update can still explode the state (lr 1e6 gives huge finite parameters, and the
+    # loss shows it only a step later, after a checkpoint may have been written). AdamW moves each
+    # parameter by about lr per step, so a sane run changes the parameters by a small fraction of
+    # their norm; an update larger than max_update_ratio times that norm is rejected like a
+    # non-finite one, before it enters the state. Parameters of norm 0 give no scale: ratio 0.
+    p_norm = optax.tree.norm(state.params)
+    update_ratio = jnp.where(p_norm > 0, optax.tree.norm(updates) / p_norm, 0.0)
+    max_ratio = cfg.train.max_update_ratio
+    ok = finite & ((update_ratio <= max_ratio) if max_ratio > 0 else True)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new_state = state.replace(
         step=state.step + 1,
         params=keep(new_params, state.params),
         opt_state=keep(new_opt, state.opt_state),
-        nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32))
+        nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32))
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': lr_fn(state.step),
                'tokens': n, 'finite': finite.astype(jnp.float32),
+               'update_ok': ok.astype(jnp.float32), 'update_ratio': update_ratio,
                'accuracy': aux.get('correct', 0.0) / denom,
                'skipped_updates': new_state.nonfinite_count}
     for k, v in aux.items():
@@ -185,7 +225,7 @@ def fresh_state_and_step(cfg, mesh, batch_like: dict):
   and tests need; the trainer does more (initialisation sources, resume, eval step)."""
   tx = optim.make_optimizer(cfg.train)
   _, state_sh = abstract_state_and_shardings(cfg, tx, mesh)
-  state = jax.jit(init_state_fn(cfg, tx), out_shardings=state_sh)()
+  state = init_state(cfg, tx, state_sh)
   batch_sh = batch_shardings(cfg, mesh, batch_like)
   return state, jit_train_step(cfg, tx, mesh, state_sh, batch_sh), batch_sh
 

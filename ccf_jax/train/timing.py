@@ -15,6 +15,7 @@ import numpy as np
 
 from ccf_jax import registry as arch_lib
 from ccf_jax.core import config_lib, sharding
+from ccf_jax.core import flops as flops_lib
 from ccf_jax.train import step as ts
 from ccf_jax.train import trainer
 
@@ -51,6 +52,10 @@ class TrainTimer:
     self.params = sum(int(x.size) for x in jax.tree.leaves(self._state.params))
     self.flops = arch_lib.get_arch(config).train_flops(config, b)
 
+  def hlo_text(self) -> str:
+    """The optimised HLO of the compiled step (what `bench profile` attributes time by)."""
+    return self._compiled.as_text()
+
   def block(self, steps: int) -> float:
     """Mean seconds per step over `steps` consecutive steps."""
     t = time.time()
@@ -60,13 +65,18 @@ class TrainTimer:
     return (time.time() - t) / steps
 
   def record(self, step_s: float) -> dict:
-    """bench train's JSON object for a measured step time."""
+    """bench train's JSON object for a measured step time: 'mfu' with the peak it divides by,
+    or, on a device kind with no known peak, 'mfu_note' saying why there is none."""
     c = self.config
     tokens = c.data.batch_size * self.length
+    peak, why = flops_lib.local_peak_flops(c.train.get('peak_flops_per_device', 0.0))
+    mfu = flops_lib.mfu(self.flops, step_s, jax.device_count(), peak)
+    util = ({'mfu': round(mfu, 4), 'peak_tflops_per_device': round(peak / 1e12, 1)}
+            if mfu is not None else {'mfu_note': why})
     return {'bench': 'train', 'config': c.name, 'arch': c.model.arch, 'params': self.params,
             'devices': jax.device_count(), 'batch': c.data.batch_size, 'length': self.length,
             'step_s': round(step_s, 5), 'tokens_per_s': round(tokens / step_s, 1),
-            'model_gflops_per_s': round(self.flops / step_s / 1e9, 2),
+            'model_gflops_per_s': round(self.flops / step_s / 1e9, 2), **util,
             'compile_s': round(self.compile_s, 2), **compiled_memory(self._compiled),
             'peak_rss_gb': round(trainer.peak_rss_gb(), 3)}
 

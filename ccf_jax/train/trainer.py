@@ -31,26 +31,34 @@ from absl import logging
 
 from ccf_jax import registry as arch_lib
 from ccf_jax.core import config_lib
+from ccf_jax.core import flops as flops_lib
 from ccf_jax.train import faults
 from ccf_jax.train import metrics as metrics_lib
 from ccf_jax.train import optim
 from ccf_jax.core import sharding
 from ccf_jax import checkpoint as ckpt_lib
 from ccf_jax import data as data_lib
+from ccf_jax.interop.hf_config import ConvertError
 from ccf_jax.train import step as ts
 from ccf_jax.model import decoder as model_lib
 
 
-class NonFiniteError(FloatingPointError):
-  """Raised when train.nonfinite='stop' and a step produced a non-finite loss, gradient or update
-  (the run diverged; the entry point exits with `faults.EXIT_DIVERGED`)."""
+class DivergedError(FloatingPointError):
+  """The run diverged (the entry point exits with `faults.EXIT_DIVERGED`): a loss over
+  train.divergence_factor times its best smoothed value (`faults.LossWatch`), or, as
+  `NonFiniteError`, a rejected update."""
   exit_code = faults.EXIT_DIVERGED
+
+
+class NonFiniteError(DivergedError):
+  """Raised when train.nonfinite='stop' and a step produced a non-finite loss, gradient or update,
+  or an update over train.max_update_ratio; it never entered the state."""
 
 
 # Errors caused by the user's input or the machine: entry points print them as one line (no
 # traceback) and exit with their `faults.exit_code_for` code.
-USER_ERRORS = (config_lib.ConfigError, sharding.MeshError, data_lib.DataError,
-               ckpt_lib.CheckpointError, NonFiniteError, faults.StorageError,
+USER_ERRORS = (config_lib.ConfigError, sharding.MeshError, data_lib.DataError, ConvertError,
+               ckpt_lib.CheckpointError, DivergedError, faults.StorageError,
                faults.WorkdirLockedError)
 
 
@@ -104,6 +112,51 @@ def initial_params(cfg, arch):
     params = convert.load_hf_params(cfg.init.from_hf, cfg.model)
     return _adapt_params(cfg, arch, params, f'init.from_hf={cfg.init.from_hf}')
   return None
+
+
+def init_tokenizer(cfg) -> tuple[str, str, dict] | None:
+  """(field, tokenizer file, recorded identity) of the pretrained source the run starts from
+  (init.params_only's export or init.from_hf's directory), or None (no such source, or it has no
+  tokenizer). init.from_checkpoint continues a run and keeps that run's data.tokenizer."""
+  if cfg.init.from_checkpoint:
+    return None
+  if cfg.init.params_only:
+    from ccf_jax.checkpoint import export as export_lib
+    path, record = export_lib.tokenizer_of(cfg.init.params_only)
+    field = f'init.params_only={cfg.init.params_only}'
+  elif cfg.init.from_hf:
+    from ccf_jax.interop import hf_tokenizer
+    _, path = hf_tokenizer.find(cfg.init.from_hf)
+    record = data_lib.load_tokenizer(path).record() if path else None
+    field = f'init.from_hf={cfg.init.from_hf}'
+  else:
+    return None
+  return (field, path, record) if path else None
+
+
+def with_init_tokenizer(config):
+  """The config whose data.tokenizer is the pretrained source's tokenizer.
+
+  Pretrained weights only make sense with the ids they were trained on: with data.tokenizer unset
+  the run uses the source's tokenizer (never one trained afresh on the corpus), and an explicit
+  data.tokenizer whose sha256 differs from the recorded one is refused before any step."""
+  src = init_tokenizer(config)
+  if src is None:
+    return config
+  field, path, record = src
+  if not config.data.tokenizer:
+    config = config.copy_and_resolve_references()
+    config.data.tokenizer = path
+    logging.info('data.tokenizer: %s, the tokenizer of %s', path, field)
+    return config
+  given = data_lib.load_tokenizer(config.data.tokenizer)
+  if given.sha256 != record.get('sha256'):
+    raise data_lib.TokenizerError(
+        f'data.tokenizer={config.data.tokenizer} (sha256 {given.sha256[:12]}) is not the tokenizer '
+        f'of {field} ({path}, sha256 {str(record.get("sha256"))[:12]}): its ids would mean other '
+        f'tokens to the pretrained weights. Fix: --config.data.tokenizer= (the run then uses '
+        f'{path}), or --config.data.tokenizer={path}.')
+  return config
 
 
 def _adapt_params(cfg, arch, params, source):
@@ -174,11 +227,9 @@ def _train(config, workdir, allow_fresh_start, run) -> dict:
   is_main = pidx == 0
   mesh = sharding.make_mesh(config.mesh)
   arch = arch_lib.get_arch(config)
+  config = with_init_tokenizer(config)
   tokenizer = data_lib.load_or_train_tokenizer(config)
-  if tokenizer.vocab_size != config.model.vocab_size:
-    raise config_lib.ConfigError(
-        f'the tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but '
-        f'model.vocab_size={config.model.vocab_size}. Fix: --config.model.vocab_size={tokenizer.vocab_size}.')
+  data_lib.check_vocab(tokenizer, config.model.vocab_size, f'data.tokenizer={tokenizer.model_path}')
   train_iter = data_lib.make_train_iter(config, 'train', pidx, pcount)
   check_eval_split(config, tokenizer, pidx, pcount)
   clock.mark('data_and_tokenizer', t)
@@ -197,9 +248,7 @@ def _train(config, workdir, allow_fresh_start, run) -> dict:
         if config.init.from_checkpoint:
           state, _, _ = ckpt_lib.restore_from(config.init.from_checkpoint, abstract, train_iter)
           return state
-        params = initial_params(config, arch)
-        fn = ts.init_state_fn(config, tx, None if params is None else (lambda: params))
-        return jax.jit(fn, out_shardings=state_sh)()
+        return ts.init_state(config, tx, state_sh, initial_params(config, arch))
 
       state, _, info = ckpt.restore_or_init(abstract, init_fn, train_iter, allow_fresh_start)
       step = int(jax.device_get(state.step))  # init.from_checkpoint continues its step count.
@@ -220,6 +269,8 @@ def _train(config, workdir, allow_fresh_start, run) -> dict:
 
       loop = _Loop(config, workdir, writer, ckpt, train_iter, eval_step, batch_sh, arch, clock,
                    preempt, is_main, tokenizer.model_path)
+      loop.watch = faults.LossWatch(config.train.divergence_factor,
+                                    state=info.metadata.get('extra', {}).get('loss_watch'))
       state = loop.run(state, step, train_step, first)
       summary = loop.summary
       summary.update(params=n_params, frozen_params=n_frozen, phases=clock.phases,
@@ -247,6 +298,11 @@ class _Loop:
     self.train_start = time.time()
     self.stop_reason = ''
     self.profiling = False
+    self.watch = faults.LossWatch(config.train.divergence_factor)  # The resumed run's, in _train.
+    self.peak_flops, why = flops_lib.local_peak_flops(
+        config.train.get('peak_flops_per_device', 0.0))
+    if why and is_main:
+      print(why, flush=True)  # Once: the console lines then show GFLOP/s without MFU.
 
   # ---------------------------------------------------------------------------------- the loop
   def run(self, state, step, train_step, first_batch):
@@ -298,14 +354,7 @@ class _Loop:
     w['steps'] += 1
     w['tokens'] += step_tokens
     w['loss'] += float(m['loss'])
-    if m['finite'] < 1:
-      msg = (f'step {step}: non-finite loss, gradient or update (loss={float(m["loss"])}); the '
-             'update was skipped, params are unchanged.')
-      if self.c.train.nonfinite == 'stop':
-        raise NonFiniteError(msg + ' Stopping (train.nonfinite=stop): the run diverged; no '
-                             'non-finite state was saved and the earlier checkpoints are kept. '
-                             'Fix: lower train.lr, check the data, or set train.nonfinite=skip.')
-      logging.warning(msg)
+    self._check_divergence(step, m)
     if step % self.c.train.log_every and step != self.c.train.steps:
       return
     dt = time.time() - w['t']
@@ -317,11 +366,43 @@ class _Loop:
                'accuracy': float(m['accuracy']), 'tokens_per_s': tokens_per_s, 'step_time_s': step_time,
                'tflops': flops / step_time / 1e12, 'skipped_updates': float(m['skipped_updates']),
                'peak_rss_gb': peak_rss_gb()}
+    mfu = flops_lib.mfu(flops, step_time, jax.device_count(), self.peak_flops)
+    if mfu is not None:
+      scalars['mfu'] = mfu
     self.summary['train_loss'] = scalars['loss']
     self.summary['tokens_per_s'] = tokens_per_s
     self.summary['step_time_s'] = step_time
     self.writer.write(step, scalars, 'train')
     self.window = {'t': time.time(), 'steps': 0, 'tokens': 0.0, 'loss': 0.0}
+
+  def _check_divergence(self, step, m):
+    """A rejected update (step.py: non-finite, or over train.max_update_ratio) stops the run or is
+    skipped; a loss over train.divergence_factor times its best stops it. A loss in bounds marks
+    the state it was computed on (the previous step's) good, protecting its checkpoint."""
+    loss = float(m['loss'])
+    if m['update_ok'] < 1:
+      what = (f'non-finite loss, gradient or update (loss={loss})' if m['finite'] < 1 else
+              f'an update {float(m["update_ratio"]):.3g} times the parameters\' norm, over '
+              f'train.max_update_ratio={self.c.train.max_update_ratio:g}')
+      msg = f'step {step}: {what}; the update was skipped, params are unchanged.'
+      if self.c.train.nonfinite == 'stop':
+        raise NonFiniteError(msg + ' Stopping (train.nonfinite=stop): the run diverged; the bad '
+                             'state was not saved and the earlier checkpoints are kept. Fix: '
+                             'lower train.lr, check the data, or set train.nonfinite=skip.')
+      logging.warning(msg)
+    if not math.isfinite(loss):
+      return
+    why = self.watch.check(loss)
+    if why:
+      good = self.ckpt.good_checkpoint()
+      kept = (f'the last good checkpoint, {self.ckpt.step_dir(good)}, is kept (any later one may '
+              'hold the diverging state). Fix: lower train.lr and restart from it in a new '
+              f'workdir: --config.init.from_checkpoint={self.ckpt.step_dir(good)} '
+              '--workdir=NEW' if good is not None else
+              'no checkpoint was written before it. Fix: lower train.lr')
+      raise DivergedError(f'step {step}: {why}: the run diverged; {kept} (or raise '
+                          'train.divergence_factor; 0 turns the check off).')
+    self.ckpt.mark_good(step - 1)
 
   def maybe_evaluate(self, step, state):
     every = self.c.train.eval_every
@@ -350,11 +431,17 @@ class _Loop:
     return res
 
   def maybe_save_checkpoint(self, step, state):
+    """Before a save, this step's metrics are checked (one device sync per save, which the save's
+    copy to host costs anyway): a rejected update or a diverged loss stops the run before the
+    state is written, so a saved state is a validated one plus one update within bounds."""
+    if self.ckpt.should_save(step):
+      self.flush_metrics()
     self.ckpt.maybe_save(step, state, self.train_iter, extra=self._extra(step))
 
   def _extra(self, step, **kw):
     tokens_seen = step * config_lib.tokens_per_step(self.c)
-    return {'tokens_seen': tokens_seen, 'tokenizer_path': self.tokenizer_path, **kw}
+    return {'tokens_seen': tokens_seen, 'tokenizer_path': self.tokenizer_path,
+            'loss_watch': self.watch.state_dict(), **kw}
 
   def maybe_profile(self, step):
     c = self.c.train

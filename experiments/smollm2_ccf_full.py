@@ -1,0 +1,19 @@
+"""CCF 8x on SmolLM2-135M with every weight trained (experiments/smollm2_ccf.py trains the adapter).
+
+Encoder and decoder share the pretrained weights (`ccf.mode='pretrain'`, shared), so the model
+learns to compress and to read memory while remaining one LM; the memory gate keeps the start
+identical to segment_local. A full fine-tune moves 135M weights with AdamW (f32 masters and
+moments: about 1.6 GB of state), so the learning rate is a tenth of the adapter's.
+    python -m ccf_jax.train --config=experiments/smollm2_ccf_full.py --workdir=runs/smollm2_full
+"""
+
+from experiments import smollm2_ccf
+
+
+def get_config():
+  c = smollm2_ccf.get_config()
+  c.name = 'smollm2_ccf_full'
+  c.ccf.mode = 'pretrain'  # Everything trains; encoder and decoder share the base weights.
+  c.ccf.shared_weights = True
+  c.train.lr = 1e-4  # Full fine-tuning of a pretrained LM.
+  return c
