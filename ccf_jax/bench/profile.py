@@ -10,9 +10,10 @@ from the optimised HLO of the same compiled step:
   * by kind: matmul (a dot, or a fusion containing one), copy/transpose (a copy, transpose or a
     fusion of nothing but data movement), broadcast, loop control (while/conditional/call), and
     elementwise/reduce (fusions of arithmetic, with whatever data movement XLA fused into them);
-  * by component: the `jax.named_scope` the code opens (attention, mlp, norm, embed, logits in
-    model/; loss; optimizer in train/step.py), or 'other' (outside every scope: residual adds,
-    layer-scan bookkeeping, gradient accumulation and checks).
+  * by component: the innermost `jax.named_scope` the code opens: attention_kernel (the softmax
+    attention itself, model/attention.py), attention (the layer's q/k/v/o projections and rotary),
+    mlp, norm, embed, logits (model/), loss, optimizer (train/step.py), or 'other' (outside
+    every scope: residual adds, layer-scan bookkeeping, gradient accumulation and checks).
 The printed rows are ms per step and share of the traced step. `--profile_top` more rows list
 the heaviest single instructions with their kind, component and JAX op name.
 
@@ -39,7 +40,9 @@ _SHAPE = flags.DEFINE_string('profile_shape', 'config', 'bench profile: a bench 
                              f'({", ".join(peer.SHAPE_NAMES)}).')
 _TOP = flags.DEFINE_integer('profile_top', 12, 'bench profile: heaviest instructions to list.')
 
-COMPONENTS = ('attention', 'mlp', 'norm', 'embed', 'logits', 'loss', 'optimizer')
+# Innermost first: the attention kernel's scope sits inside the attention layer's.
+COMPONENTS = ('attention_kernel', 'attention', 'mlp', 'norm', 'embed', 'logits', 'loss',
+              'optimizer')
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$')
 _COMP = re.compile(r'^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
 _MOVES = {'copy', 'transpose', 'bitcast', 'broadcast', 'reshape', 'slice', 'dynamic-slice',
@@ -81,10 +84,10 @@ def kind_of(opcode: str, called: str | None, comps: dict) -> str:
 
 def component_of(op_name: str) -> str:
   # Scopes appear as path parts, wrapped by transformations: 'mlp', 'jvp(mlp)', 'transpose(jvp(mlp))'.
-  parts = {re.sub(r'^(?:[\w]+\()+|\)+$', '', p) for p in op_name.split('/')}
-  for comp in COMPONENTS:
-    if comp in parts:
-      return comp
+  parts = [re.sub(r'^(?:[\w]+\()+|\)+$', '', p) for p in op_name.split('/')]
+  for part in reversed(parts):
+    if part in COMPONENTS:
+      return part
   return 'other'
 
 

@@ -137,7 +137,7 @@ def resolve(impl: str, q, k) -> str:
   return cpu_choice(q, k)
 
 
-@jax.named_scope('attention')  # Profiles attribute its time (bench profile).
+@jax.named_scope('attention_kernel')  # Profiles attribute its time (bench profile).
 def attend(q, k, v, mask, impl: str = 'xla', block: int = 128):
   """Grouped-query softmax attention, q: [B, Lq, H, D]; k, v: [B, Lk, K, D] with H % K == 0;
   mask: `Spans` or bool broadcastable to [B, Lq, Lk] (True = may attend). Softmax in float32; a

@@ -96,6 +96,7 @@ class Decoder(nnx.Module):
           out_sharding=('embed', 'vocab'))
 
   # ---------------------------------------------------------------------------------------------
+  @jax.named_scope('embed')
   def embed_tokens(self, tokens):
     # Gather from an explicitly all-gathered table (the FSDP step, and the vocab shards under
     # tensor parallelism): a lookup into the sharded table leaves the partitioner no efficient way
@@ -151,6 +152,7 @@ class Decoder(nnx.Module):
       hs = jnp.concatenate([hs, last.attn_norm(x[:, latents_from:])[None]])
     return x, hs
 
+  @jax.named_scope('logits')
   def logits(self, x):
     """float32 logits [B, L, vocab] (`head_matmul`: compute-dtype matmuls, float32 results)."""
     x = self.final_norm(x)

@@ -34,6 +34,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
     self.dtype = dtype
 
+  @jax.named_scope('norm')  # Profiles attribute time by component (bench profile).
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -163,6 +164,7 @@ class Attention(nnx.Module):
     v = sharding.constrain(v, ('batch', 'length', 'kv_heads', 'head_dim'))
     return k, v
 
+  @jax.named_scope('attention')  # Profiles attribute time by component (bench profile).
   def __call__(self, h, positions, mask, kv_prefix=None, q_delta=None, v_delta=None,
                memory_gate=None, memory_rows=None):
     """h: normed input [B, L, d]; kv_prefix: optional (k, v) rows [B, M, K, D] placed before h's.
@@ -209,6 +211,7 @@ class MLP(nnx.Module):
     self.w_down = _param(rngs, (cfg.mlp_dim, cfg.d_model), ('mlp', 'embed'), std / math.sqrt(2 * cfg.num_layers), pd)
     self.dtype = DTYPES[cfg.dtype]
 
+  @jax.named_scope('mlp')  # Profiles attribute time by component (bench profile).
   def __call__(self, x):
     g = jnp.einsum('bld,dm->blm', x, self.w_gate[...].astype(self.dtype))
     u = jnp.einsum('bld,dm->blm', x, self.w_up[...].astype(self.dtype))

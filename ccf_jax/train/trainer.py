@@ -381,8 +381,10 @@ class _Loop:
     the state it was computed on (the previous step's) good, protecting its checkpoint."""
     loss = float(m['loss'])
     if m['update_ok'] < 1:
-      what = (f'non-finite loss, gradient or update (loss={loss})' if m['finite'] < 1 else
-              f'an update {float(m["update_ratio"]):.3g} times the parameters\' norm, over '
+      ratio = float(m['update_ratio'])
+      what = (f'non-finite loss, gradient or update (loss={loss}, update/params norm {ratio:.3g})'
+              if m['finite'] < 1 or not math.isfinite(ratio) else
+              f'an update {ratio:.3g} times the parameters\' norm, over '
               f'train.max_update_ratio={self.c.train.max_update_ratio:g}')
       msg = f'step {step}: {what}; the update was skipped, params are unchanged.'
       if self.c.train.nonfinite == 'stop':
