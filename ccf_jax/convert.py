@@ -12,7 +12,8 @@ import time
 from absl import app, flags, logging
 
 from ccf_jax import checkpoint as ckpt_lib
-from ccf_jax.interop import gguf, hf, hf_config, hf_tokenizer, hf_weights
+from ccf_jax.data import TokenizerError
+from ccf_jax.interop import gguf, hf, hf_config, hf_weights
 
 _FROM_HF = flags.DEFINE_string('from_hf', None, 'Hugging Face model directory to import.')
 _FROM_GGUF = flags.DEFINE_string('from_gguf', None, 'llama.cpp GGUF file to import (F32, F16, '
@@ -57,7 +58,7 @@ def main(argv):
     else:
       raise app.UsageError('use --from_hf=DIR --out=EXPORT, --from_gguf=FILE --out=EXPORT, or '
                            '--to_hf=DIR --from_export=EXPORT.')
-  except (hf_config.ConvertError, hf_tokenizer.TokenizerError, ckpt_lib.CheckpointError) as e:
+  except (hf_config.ConvertError, TokenizerError, ckpt_lib.CheckpointError) as e:
     sys.exit(f'convert failed: {e}')  # The message names the file and the fix; no traceback.
 
 

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from ccf_jax.interop import adapter as adapter_lib
 from ccf_jax.interop import hf, hf_config, hf_weights
 from ccf_jax.checkpoint import export as export_lib
-from ccf_jax.interop import hf_tokenizer
+from ccf_jax.data import load_tokenizer
 from ccf_jax.model import decoder as model_lib
 from experiments import base
 
@@ -229,7 +229,7 @@ def test_tokenizers_are_recorded_and_load(exports):
   assert info['tokenizer']['kind'] == 'sentencepiece' and info['tokenizer']['eos_id'] == 2
   _, config, tok_path = export_lib.load_export(sp_export)
   assert config['data']['tokenizer'] == 'tokenizer.model' and tok_path.endswith('tokenizer.model')
-  sp = hf_tokenizer.load(tok_path)
+  sp = load_tokenizer(tok_path)
   assert sp.vocab_size == 128 and sp.decode(sp.encode('a good fortune')) == 'a good fortune'
 
   hf_export = exports['llama3_rope_tied_legacy']
@@ -238,7 +238,7 @@ def test_tokenizers_are_recorded_and_load(exports):
   _, config, tok_path = export_lib.load_export(hf_export)
   assert tok_path == os.path.join(hf_export, 'hf', 'tokenizer.json')
   assert config['data']['tokenizer'] == 'hf/tokenizer.json'
-  tok = hf_tokenizer.load(os.path.join(hf_export, 'hf', 'tokenizer.json'))
+  tok = load_tokenizer(os.path.join(hf_export, 'hf', 'tokenizer.json'))
   assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.unk_id) == (128, 1, 2, 0)
   ids = tok.encode('a good fortune')
   assert tok.decode(ids) == 'a good fortune' and max(ids) < 128

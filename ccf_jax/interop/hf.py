@@ -22,6 +22,7 @@ import numpy as np
 
 from ccf_jax.core import config_lib
 from ccf_jax.checkpoint import export as export_lib
+from ccf_jax.data import tokenizer as tokenizer_lib
 from ccf_jax.interop import hf_tokenizer
 from ccf_jax.interop.hf_config import (CONFIG, ConvertError, hf_config_to_model_config,
                                        model_config_to_hf_config, read_hf_config)
@@ -66,8 +67,9 @@ def hf_to_export(hf_dir, out, *, param_dtype: str = 'auto', overwrite: bool = Fa
                     hf_dir)
     cfg.data.tokenizer = ''
   else:
-    tok = hf_tokenizer.load(tok_path)
-    hf_tokenizer.check_vocab(tok, fields['vocab_size'], tok_path)
+    tok = tokenizer_lib.load_tokenizer(tok_path)  # A file `find` saw: it exists.
+    # A tokenizer may have fewer ids than the embedding (padded vocabularies), never more.
+    tokenizer_lib.check_vocab(tok, fields['vocab_size'], tok_path, exact=False)
     name = (hf_tokenizer.SP_FILE if kind == hf_tokenizer.SENTENCEPIECE
             else f'{hf_tokenizer.EXPORT_HF_DIR}/{hf_tokenizer.HF_FILE}')
     files[name] = tok_path

@@ -11,7 +11,7 @@ Why `hf/` and not `tokenizer.json` at the top: in an export, `tokenizer.json` al
 sentencepiece model's JSON sidecar of special ids (ccf_jax.export). When a directory has both
 files, sentencepiece wins (both encode the same vocabulary in Llama-2/Mistral releases).
 
-Loading either kind is `ccf_jax.data.tokenizer.load_tokenizer` (re-exported here as `load`): one
+Loading either kind is `ccf_jax.data.tokenizer.load_tokenizer`, the one
 loader for the data pipeline, exports, evaluation and generation. The kind, file, sha256 and special
 ids are recorded in the export's `export_info.json` (`tokenizer`), so a loader never has to guess.
 """
@@ -22,11 +22,8 @@ import json
 import os
 from typing import Optional
 
-from ccf_jax.data import tokenizer as tokenizer_lib
-from ccf_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=unused-import
-from ccf_jax.data.tokenizer_base import HF, SENTENCEPIECE, TokenizerError
+from ccf_jax.data.tokenizer_base import HF, SENTENCEPIECE
 
-HF_TOKENIZERS = HF  # The kind recorded for a tokenizer.json.
 SP_FILE, HF_FILE = 'tokenizer.model', 'tokenizer.json'
 # Hugging Face side files kept next to the weights (copied verbatim into an export's hf/).
 AUX_FILES = ('tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json')
@@ -40,21 +37,8 @@ def find(model_dir: str) -> tuple[Optional[str], Optional[str]]:
     return SENTENCEPIECE, sp
   hf = os.path.join(model_dir, HF_FILE)
   if os.path.isfile(hf):
-    return HF_TOKENIZERS, hf
+    return HF, hf
   return None, None
-
-
-def load(path: str):
-  """The tokenizer at `path`: a sentencepiece .model or a Hugging Face tokenizer.json."""
-  if not os.path.isfile(path):
-    raise TokenizerError(f'tokenizer file {path} does not exist. Fix: give the tokenizer.model or '
-                         'tokenizer.json released with the model.')
-  return tokenizer_lib.load_tokenizer(path)
-
-
-def check_vocab(tokenizer, vocab_size: int, where: str):
-  """A tokenizer may have fewer ids than the embedding (padded vocabularies), never more."""
-  tokenizer_lib.check_vocab(tokenizer, vocab_size, where, exact=False)
 
 
 def hf_tokenizer_config(sp_model: str) -> dict:
