@@ -60,11 +60,13 @@ def get_config() -> ml_collections.ConfigDict:
   d.shuffle_seed = 0  # Seed of the data order (independent of the model seed).
   d.num_workers = 0  # grain worker processes (0 = in-process).
   d.prefetch = 2  # Batches prefetched ahead of the train step.
-  d.task = ''  # '' = the corpus text | 'passkey': synthetic key-in-segment-0 windows (tasks/passkey.py).
+  d.task = ''  # '' = the corpus text | 'passkey': synthetic passkey windows (tasks/passkey.py).
   d.passkey_min_segments = 0  # Passkey curriculum: windows start this many segments long (0 = T) ...
   d.passkey_curriculum_steps = 0  # ... and reach T segments after this many steps (0 = always T).
   d.passkey_score = 'answer'  # Passkey training targets: 'answer' (the key) | 'all' (every token).
-  d.passkey_ae_key = False  # Passkey training: auto-encode segment 0, targets its key's digits.
+  d.passkey_ae_key = False  # Passkey training: auto-encode the key's segment, targets its digits.
+  d.passkey_depth = 'segment0'  # Key statement: 'segment0' (inside segment 0) | 'uniform' (any depth).
+  d.passkey_filler = 'sentences'  # Around the key: 'sentences' (repeated) | 'corpus' (the split's text).
 
   # ---------------------------------------------------------------- ccf (used when model.arch != 'decoder')
   x = c.ccf = ml_collections.ConfigDict()

@@ -32,6 +32,9 @@ def counts(cfg):
     ('tiny_ccf_32x', 1_339_136, 0),
     ('tiny_ccf_passkey', 1_339_648, 0),  # c=8 distinct memory vectors instead of 16.
     ('tiny_ccf_adapter', 28_800, 1_311_872),  # The frozen base is exactly experiments/tiny.py.
+    ('passkey_4k', 1_340_672, 0),  # tiny_ccf's model at T=32.
+    ('passkey_16k', 1_340_672, 0),  # The same model at T=128.
+    ('passkey_4k_32x', 1_339_136, 0),  # c=4, as tiny_ccf_32x.
 ])
 def test_tiny_configs(name, trainable, frozen):
   cfg = importlib.import_module(f'experiments.{name}').get_config()
@@ -98,6 +101,8 @@ def test_7b_configs_build_abstractly_on_256_devices(name):
     ({'data.task': 'passkey', 'data.passkey_min_segments': 1}, 'passkey_min_segments in'),
     ({'data.task': 'passkey', 'data.passkey_ae_key': True, 'ccf.ae_mode': 'off'}, 'ae_mode=extra'),
     ({'data.passkey_ae_key': True}, "data.task='passkey'"),
+    ({'data.passkey_depth': 'middle'}, "choose 'segment0' or 'uniform'"),
+    ({'data.passkey_filler': 'books'}, "choose 'sentences' or 'corpus'"),
     ({'ccf.mode': 'adapter', 'ccf.encoder_trains_base': False}, 'encoder_trains_base=True'),
     ({'ccf.shared_weights': False, 'ccf.encoder_trains_base': False}, 'shared_weights=True'),
     ({'ccf.memory_gate_init': 0.5}, 'memory_gate=tanh'),

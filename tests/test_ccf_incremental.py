@@ -427,3 +427,25 @@ def test_decoder_key_rows_count_the_blocks_the_masks_leave_visible(block, k, win
     pairs = union.reshape(union.shape[0] // bq, bq, -1, bk).any(axis=(1, 3)).sum()
     counts.append(pairs * bq * bk / l)
   assert ccf_flops.decoder_key_rows(cfg) == pytest.approx(np.mean(counts))
+
+
+def test_chunks_without_targets_are_not_decoded_and_change_nothing():
+  """A chunk whose segments score nothing (passkey filler, padding) is skipped by a lax.cond: with
+  k=1 and targets in two segments only (window 0's last, window 1's second), loss and gradients
+  equal k=T, which decodes every segment."""
+  mask = np.zeros_like(BATCH['loss_mask'])
+  mask[0, -5:] = 1.0
+  mask[1, L_SEG + 2:L_SEG + 6] = 1.0
+  batch = dict(BATCH, loss_mask=mask)
+
+  def value_and_grad(k):
+    cfg = small_cfg(decoder_segment_chunk=k)
+    fn = jit(jax.value_and_grad(lambda p, key: ccf_arch.ccf_loss(cfg, p, batch, key)[:2],
+                                has_aux=True))
+    (loss, n), grads = fn(params(), jax.random.key(0))
+    return float(loss), float(n), grads
+
+  got, want = value_and_grad(1), value_and_grad(T)
+  assert want[1] == 9  # Only the two scored spans count.
+  assert_same(got, want)
+  assert np.abs(encoder_grads(got[2])).max() > 0

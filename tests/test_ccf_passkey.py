@@ -104,3 +104,30 @@ def test_passkey_source_ae_key_targets_the_first_statement_digits():
     assert np.flatnonzero(ex['ae_mask']).tolist() == list(range(at, at + 5))  # Inside segment 0.
     assert at + 5 <= l
   assert 'ae_mask' not in plain[0]
+
+
+def test_passkey_source_uniform_depth_in_corpus_filler():
+  """data.passkey_depth='uniform' with a corpus filler: keys spread over the window's segments,
+  the text around them one contiguous run of the given stream, and the auto-encoded segment the
+  one holding the key's first statement."""
+  l, T, n_fill = 64, 8, 3000
+  filler = 100 + np.arange(n_fill)  # Outside encode's ids, so filler tokens are recognisable.
+  src = passkey.PasskeySource(encode, 100, T, l, seed=7, bos_id=2, pad_id=0, ae_key=True,
+                              depth='uniform', filler_tokens=filler)
+  segments = set()
+  lead = encode('The pass key is ')
+  for k in range(40):
+    ex = src[k]
+    tokens = ex['tokens'].tolist()
+    key = tokens[-5:]
+    at = next(i for i in range(T * l) if tokens[i:i + len(lead) + 5] == lead + key) + len(lead)
+    segments.add(at // l)
+    assert int(ex['ae_segment']) == at // l
+    assert np.flatnonzero(ex['ae_mask']).tolist() == list(range(at, at + 5))
+    fill = np.array([t for t in tokens if t >= 100]) - 100
+    statement = len(encode(passkey.STATEMENT.format(key='00000')))
+    assert len(fill) == T * l - 1 - statement - len(encode(passkey.QUESTION)) - 5
+    np.testing.assert_array_equal(np.diff(fill) % n_fill, 1)  # One contiguous (cyclic) run.
+  assert len(segments) >= 6, segments  # Not only segment 0: depth is uniform over the window.
+  with pytest.raises(ValueError, match='depth'):
+    passkey.PasskeySource(encode, 10, T, l, seed=0, bos_id=2, pad_id=0, depth='middle')

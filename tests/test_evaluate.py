@@ -326,6 +326,18 @@ def test_quick_report_end_to_end(tmp_path):
   assert dump(again['ppl']) == dump(res['ppl']) and 'ae' in again
   with open(os.path.join(out, 'results.json')) as f:
     assert set(evaluate.SECTIONS) <= set(json.load(f))
+  # The long preset's passkey: corpus filler, greedy only, a memory-window row and the control.
+  small = {'passkey': {'length_segments': [4], 'depths': [0.5], 'batch': 2,
+                       'memory_windows': [None, 1]}}
+  long = evaluate.run(exp, out + '_long', only=('passkey',), preset='long', overrides=small)
+  p = long['passkey']
+  assert [r['name'] for r in p['rows']] == ['ccf 8x', 'ccf 8x, memory_window=1',
+                                            'ccf, memory off (control)']
+  assert p['filler'] == 'corpus' and [r['memory_window'] for r in p['rows']] == [None, 1, None]
+  for row in p['rows']:
+    cell = row['cells']['128@0.5']
+    assert 'teacher_forced' not in cell and 0.0 <= cell['greedy']['exact_match'] <= 1.0
+  assert os.path.getsize(os.path.join(out + '_long', 'passkey.png')) > 1000
 
 
 def _numbers(tree):

@@ -174,7 +174,19 @@ def is_trainable(cfg, path) -> bool:
 
 
 def from_base_params(cfg, base: dict) -> dict:
-  """A plain-decoder export -> CCF params: the base for encoder and decoder, a fresh adapter."""
+  """A plain-decoder export -> CCF params: the base for encoder and decoder, a fresh adapter.
+
+  A CCF export (decoder + adapter) is taken whole: a trained CCF model continues under another
+  window (e.g. passkey at 4k tokens, then at 16k), its shapes checked against this config's."""
+  if 'adapter' in base:
+    want = jax.tree.map(lambda a: tuple(a.shape),
+                        model_lib.abstract_params(module_config(cfg), CCFModel))
+    got = jax.tree.map(lambda a: tuple(a.shape), base)
+    if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
+      raise ConfigError(f'the CCF export does not match model.* and ccf.* of config {cfg.name!r} '
+                        '(memory tokens, LoRA rank, shared or separate encoder). Fix: use the '
+                        'fields of the run that produced it (the window length may differ).')
+    return base
   want = jax.tree.map(lambda a: tuple(a.shape), model_lib.abstract_params(cfg.model))
   got = jax.tree.map(lambda a: tuple(a.shape), base)
   if jax.tree.structure(got) != jax.tree.structure(want) or got != want:

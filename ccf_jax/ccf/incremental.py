@@ -239,6 +239,10 @@ def decode_window(cfg, decoder, tokens, scored, span, memory: GatedMemory):
   if remat and n > 1:
     chunk_sums = jax.checkpoint(chunk_sums, policy=model_lib.REMAT_POLICIES[x.decoder_remat],
                                 prevent_cse=x.unrolled)  # A scan body needs no CSE barrier.
+  if n > 1:  # A chunk with no target (padding, or a passkey window's filler) is not decoded.
+    scored_chunk_sums = chunk_sums
+    chunk_sums = lambda inp: jax.lax.cond(
+        inp[2].sum() > 0, scored_chunk_sums, lambda _: (jnp.zeros((), jnp.float32),) * 3, inp)
   add = lambda acc, new: tuple(a + v for a, v in zip(acc, new))
   sums = (jnp.zeros((), jnp.float32),) * 3
   if x.unrolled:

@@ -101,6 +101,10 @@ def validate(cfg, num_devices: int | None = None, *,
   _require(d.task in ('', 'passkey'), f"data.task={d.task!r}; choose '' (corpus text) or 'passkey'.")
   _require(d.passkey_score in ('answer', 'all'),
            f"data.passkey_score={d.passkey_score!r}; choose 'answer' or 'all'.")
+  _require(d.passkey_depth in ('segment0', 'uniform'),
+           f"data.passkey_depth={d.passkey_depth!r}; choose 'segment0' or 'uniform'.")
+  _require(d.passkey_filler in ('sentences', 'corpus'),
+           f"data.passkey_filler={d.passkey_filler!r}; choose 'sentences' or 'corpus'.")
   _require(not d.passkey_ae_key or (d.task == 'passkey' and x.ae_mode != 'off'),
            'data.passkey_ae_key auto-encodes the key segment of passkey windows: it needs '
            "data.task='passkey' and an auto-encoding loss. Fix: --config.ccf.ae_mode=extra.")

@@ -12,6 +12,7 @@ Public interface (other modules call exactly these):
   load_or_train_tokenizer(config) -> TokenizerBase (data.tokenizer, or one trained on the corpus)
   load_tokenizer(path, vocab_size=None) -> TokenizerBase (a .model, a tokenizer.json, a directory)
   load_documents(config, split) -> list[str]
+  split_tokens(config, split, tok) -> int32[N] (a split's documents tokenised, eos-separated)
   DataError (a ValueError)
 Also: make_pipeline (the grain dataset plus counts such as skipped short documents),
 train_tokenizer, check_vocab, Tokenizer (sentencepiece), HFTokenizer, TokenizerError.
@@ -25,6 +26,7 @@ from ccf_jax.data.pipeline import example_length
 from ccf_jax.data.pipeline import make_pipeline
 from ccf_jax.data.pipeline import make_train_iter
 from ccf_jax.data.pipeline import Pipeline
+from ccf_jax.data.pipeline import split_tokens
 from ccf_jax.data.hf_tokenizer import HFTokenizer
 from ccf_jax.data.tokenizer import check_vocab
 from ccf_jax.data.tokenizer import load_or_train_tokenizer
@@ -37,6 +39,6 @@ from ccf_jax.data.tokenizer_base import TokenizerError
 __all__ = [
     'BATCH_KEYS', 'check_vocab', 'DataError', 'data_dir', 'example_length', 'HFTokenizer',
     'load_documents', 'load_or_train_tokenizer', 'load_tokenizer', 'make_pipeline',
-    'make_train_iter', 'Pipeline', 'Tokenizer', 'TokenizerBase', 'TokenizerError',
+    'make_train_iter', 'Pipeline', 'split_tokens', 'Tokenizer', 'TokenizerBase', 'TokenizerError',
     'train_tokenizer',
 ]

@@ -321,6 +321,19 @@ def build_sources(config, split: str, tok: Optional[tokenizer_lib.TokenizerBase]
   return sources, weights, info
 
 
+def split_tokens(config, split: str, tok: tokenizer_lib.TokenizerBase) -> np.ndarray:
+  """int32[N]: every document of the split's corpora, tokenised (cached), each closed by eos: the
+  real-text filler of passkey windows (`data.passkey_filler='corpus'`)."""
+  parts = []
+  for spec in corpus_lib.corpus_specs(config):
+    store = token_store(spec, split, config, tok)
+    reader = grain.sources.ArrayRecordDataSource([store.path])
+    for doc, n in enumerate(store.lengths):
+      parts.append(np.frombuffer(reader[doc], '<i4', count=int(n)))
+      parts.append(np.array([tok.eos_id], '<i4'))
+  return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
 def passkey_sources(config, split: str, tok: tokenizer_lib.TokenizerBase):
   """`data.task='passkey'`: synthetic passkey windows (ccf_jax.tasks.passkey.PasskeySource)
   instead of corpus text; the corpus still trains the tokenizer. Train is an endless seeded
@@ -334,7 +347,9 @@ def passkey_sources(config, split: str, tok: tokenizer_lib.TokenizerBase):
       tok.bos_id if tok.bos_id >= 0 else None, tok.pad_id, batch_size=d.batch_size,
       min_segments=d.passkey_min_segments if train else 0,
       curriculum_steps=d.passkey_curriculum_steps if train else 0,
-      score_all=train and d.passkey_score == 'all', ae_key=train and d.passkey_ae_key)
+      score_all=train and d.passkey_score == 'all', ae_key=train and d.passkey_ae_key,
+      depth=d.passkey_depth,
+      filler_tokens=split_tokens(config, split, tok) if d.passkey_filler == 'corpus' else None)
   info = dict(split=split, mode=d.mode, task='passkey', example_len=example_length(config),
               examples=n, components=[])
   return [src], [1.0], info

@@ -38,7 +38,8 @@ def _mean_cells(rows, kind):
   """Mean per-digit accuracy over the computed passkey cells of the first (memory-on) row."""
   if not rows:
     return None
-  vals = [c[kind]['per_digit_accuracy'] for c in rows[0]['cells'].values() if not ec.is_na(c)]
+  vals = [c[kind]['per_digit_accuracy'] for c in rows[0]['cells'].values()
+          if not ec.is_na(c) and kind in c]
   return (sum(vals) / len(vals), len(vals)) if vals else None
 
 

@@ -26,7 +26,12 @@ last segment it can only be at chance.
 
 from __future__ import annotations
 
+import dataclasses
+
+import ml_collections
 import numpy as np
+
+from ccf_jax import data as data_lib
 
 from ccf_jax.eval import common as ec
 from ccf_jax.ccf.arch import lm_logits
@@ -99,30 +104,54 @@ def _score(pred: np.ndarray, batch: dict, n: int) -> dict:
   return {'per_digit_accuracy': out['per_digit_accuracy'], 'exact_match': out['exact_match']}
 
 
-def settings(model, controls: bool) -> list:
+def settings(model, controls: bool, windows=(None,)) -> list:
+  """(name, ratio, memory, memory_window) rows: each ratio at each memory window (None: the
+  export's own), then the memory-off control."""
   if model.arch == 'ccf':
-    rows = [(f'ccf {r}x', r, 'on') for r in model.ratios]
-    return rows + ([('ccf, memory off (control)', None, 'off')] if controls else [])
-  return [(model.exported_arch, None, 'off')]
+    rows = [(f'ccf {r}x' + ('' if w is None else f', memory_window={w}'), r, 'on', w)
+            for r in model.ratios for w in windows]
+    return rows + ([('ccf, memory off (control)', None, 'off', None)] if controls else [])
+  return [(model.exported_arch, None, 'off', None)]
+
+
+def with_memory_window(model, window):
+  """The model read through `ccf.memory_window=window` (None: unchanged): memory rows of the
+  `window` most recent segments only, so rotary positions stay bounded at any length."""
+  if window is None:
+    return model
+  config = ml_collections.ConfigDict(model.config.to_dict())
+  config.ccf.memory_window = int(window)
+  return dataclasses.replace(model, config=config)
 
 
 def run(model, p: dict) -> dict:
-  """The passkey section with preset `p` (keys: length_segments, depths, batch, digits, seed)."""
+  """The passkey section with preset `p` (keys: length_segments, depths, batch, digits, seed;
+  optional: controls, greedy ('engine' | 'fallback'), teacher_forced (False: greedy only, for
+  lengths where a full teacher-forced pass costs too much), filler ('sentences' | 'corpus': the
+  test split's text around the key), memory_windows (list of windows to read memory through,
+  None = the export's))."""
   tok, l = model.tokenizer, model.segment_len
+  filler = (data_lib.split_tokens(model.config, 'test', tok) if p.get('filler') == 'corpus'
+            else None)
+  teacher_forced = p.get('teacher_forced', True)
   encode = tok.encode
   n = len(passkey.key_tokens(encode, '0' * p['digits']))  # One token per digit.
   lengths = [m * l for m in p['length_segments']]
   out = {'lengths': lengths, 'depths': list(p['depths']), 'batch': p['batch'],
-         'digits': p['digits'], 'answer_tokens': n,
+         'digits': p['digits'], 'answer_tokens': n, 'filler': p.get('filler', 'sentences'),
          'chance': {'per_digit_accuracy': CHANCE_DIGIT,
                     'exact_match': CHANCE_DIGIT ** p['digits']},
          'greedy_path': None,
          'rows': []}
-  rows = settings(model, p.get('controls', False))
+  rows = settings(model, p.get('controls', False), p.get('memory_windows') or (None,))
   prog = ec.Progress('passkey', len(rows) * len(lengths) * len(p['depths']))
-  for name, ratio, memory in rows:
+  base_model = model
+  for name, ratio, memory, window in rows:
+    model = with_memory_window(base_model, window)
     fn = _teacher_forced_fn(model, memory, ratio)
     engine = _engine(model, memory, ratio) if p.get('greedy', 'engine') == 'engine' else None
+    if engine is None and not teacher_forced:
+      raise ValueError('passkey teacher_forced=False needs the engine for greedy decoding.')
     out['greedy_path'] = ('ccf_jax.inference.engine.Engine.generate (streaming prefill + KV-cache decode)'
                           if engine is not None else
                           'fallback: lm_logits re-run over the window per generated digit')
@@ -140,21 +169,26 @@ def run(model, p: dict) -> dict:
         try:
           batch = passkey.make_batch(encode, p['batch'], length // l, l, float(depth),
                                      seed=p['seed'] + 1000 * length + di, num_digits=p['digits'],
-                                     bos_id=tok.bos_id if tok.bos_id >= 0 else None)
+                                     bos_id=tok.bos_id if tok.bos_id >= 0 else None,
+                                     filler_tokens=filler)
         except ValueError as e:  # The document cannot hold statement, question and answer.
           cells[key] = ec.na(str(e))
           prog.update(f'{name} {key} n/a')
           continue
-        tf, greedy = fn(model.params, batch['tokens'], n, engine is None)
-        tf, greedy = np.asarray(tf), np.asarray(greedy)
+        cell = {}
+        if teacher_forced:
+          tf, greedy = fn(model.params, batch['tokens'], n, engine is None)
+          tf, greedy = np.asarray(tf), np.asarray(greedy)
+          cell['teacher_forced'] = _score(tf, batch, n)
         if engine is not None:
           gen = engine.generate(list(batch['tokens'][:, :-n]), max_new_tokens=n, temperature=0.0)
           greedy = np.asarray(gen.tokens, np.int32)
-        cell = {'teacher_forced': _score(tf, batch, n), 'greedy': _score(greedy, batch, n),
-                'key_start_mean': float(batch['key_start'].mean())}
+        cell.update(greedy=_score(greedy, batch, n),
+                    key_start_mean=float(batch['key_start'].mean()))
         if status == 'beyond':
           cell['beyond_trained'] = note
         cells[key] = cell
         prog.update(f"{name} {key} greedy {cell['greedy']['per_digit_accuracy']:.2f}")
-    out['rows'].append({'name': name, 'ratio': ratio, 'memory': memory, 'cells': cells})
+    out['rows'].append({'name': name, 'ratio': ratio, 'memory': memory, 'memory_window': window,
+                        'cells': cells})
   return out

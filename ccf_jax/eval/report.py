@@ -113,8 +113,9 @@ def _passkey_md(r: dict) -> list:
         if ec.is_na(c):
           cells.append(notes.ref(c[ec.NA]))
         else:
-          cells.append(f"{c['greedy']['per_digit_accuracy']:.2f} / "
-                       f"{c['teacher_forced']['per_digit_accuracy']:.2f} "
+          tf = (f" / {c['teacher_forced']['per_digit_accuracy']:.2f}"
+                if 'teacher_forced' in c else ' / -')
+          cells.append(f"{c['greedy']['per_digit_accuracy']:.2f}{tf} "
                        f"({c['greedy']['exact_match']:.2f})" + (DAGGER if 'beyond_trained' in c
                                                                 else ''))
       out.append(f'| {d} | ' + ' | '.join(cells) + ' |')
@@ -216,8 +217,10 @@ def console_summary(r: dict) -> str:
       ok = [c for c in row['cells'].values() if not ec.is_na(c)]
       if ok:
         g = sum(c['greedy']['per_digit_accuracy'] for c in ok) / len(ok)
-        lines.append(f"passkey {row['name']}: greedy per-digit accuracy {g:.2f} over {len(ok)} "
-                     f"cells (chance {r['passkey']['chance']['per_digit_accuracy']})")
+        em = sum(c['greedy']['exact_match'] for c in ok) / len(ok)
+        lines.append(f"passkey {row['name']}: greedy per-digit accuracy {g:.2f}, exact match "
+                     f"{em:.2f} over {len(ok)} cells (chance "
+                     f"{r['passkey']['chance']['per_digit_accuracy']})")
   if 'ae' in r and not ec.is_na(r['ae']):
     for row in r['ae']['rows']:
       lines.append(f"auto-encoding {row['name']}: ROUGE-L {row['greedy']['rouge_l_tokens']:.3f}, "
@@ -325,22 +328,33 @@ def plot_last_n(ax, p: dict, prefix: str):
   ax.legend(fontsize=7)
 
 
+# Heat-map panels: (title, cell kind, metric). Teacher-forced only where it was measured.
+_PASSKEY_PANELS = (('greedy exact match', 'greedy', 'exact_match'),
+                   ('greedy per digit', 'greedy', 'per_digit_accuracy'),
+                   ('teacher-forced per digit', 'teacher_forced', 'per_digit_accuracy'))
+
+
 def passkey_heatmaps(plt, p: dict, label: str):
-  """Per setting, greedy and teacher-forced per-digit accuracy over depth x length; n/a grey."""
+  """Per setting, greedy exact match, greedy and teacher-forced per-digit accuracy over depth x
+  length; n/a grey."""
   import numpy as np
   rows = p['rows']
-  fig, axes = plt.subplots(len(rows), 2, figsize=(8, 2.6 * len(rows) + 0.4), squeeze=False,
-                           layout='constrained')
+  cells = [c for row in rows for c in row['cells'].values() if not ec.is_na(c)]
+  panels = [x for x in _PASSKEY_PANELS if any(x[1] in c for c in cells)]
+  fig, axes = plt.subplots(len(rows), len(panels), figsize=(4 * len(panels),
+                                                            0.25 * len(p['depths']) * len(rows)
+                                                            + 1.6 * len(rows) + 0.4),
+                           squeeze=False, layout='constrained')
   for i, row in enumerate(rows):
-    for j, kind in enumerate(('greedy', 'teacher_forced')):
+    for j, (title, kind, metric) in enumerate(panels):
       ax = axes[i, j]
       grid = np.full((len(p['depths']), len(p['lengths'])), np.nan)
       beyond = np.zeros(grid.shape, bool)
       for a, d in enumerate(p['depths']):
         for b, n in enumerate(p['lengths']):
           c = row['cells'][f'{n}@{d}']
-          if not ec.is_na(c):
-            grid[a, b] = c[kind]['per_digit_accuracy']
+          if not ec.is_na(c) and kind in c:
+            grid[a, b] = c[kind][metric]
             beyond[a, b] = 'beyond_trained' in c
       cmap = plt.get_cmap('viridis').copy()
       cmap.set_bad('lightgray')
@@ -352,8 +366,9 @@ def passkey_heatmaps(plt, p: dict, label: str):
       ax.set_xticks(range(len(p['lengths'])), [str(n) for n in p['lengths']], fontsize=7)
       ax.set_yticks(range(len(p['depths'])), [str(d) for d in p['depths']], fontsize=7)
       ax.set_xlabel('length (tokens)'), ax.set_ylabel('depth')
-      ax.set_title(f"{row['name']}: {kind.replace('_', '-')} per digit "
-                   f"(chance {p['chance']['per_digit_accuracy']})", fontsize=8)
+      ax.set_title(f"{row['name']}: {title} (chance {p['chance'][metric]:.0e})"
+                   if metric == 'exact_match' else
+                   f"{row['name']}: {title} (chance {p['chance'][metric]})", fontsize=8)
   fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
   fig.suptitle(f'{label}: passkey retrieval ({DAGGER} beyond the trained window; grey: n/a)',
                fontsize=9)

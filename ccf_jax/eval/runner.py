@@ -19,7 +19,11 @@ experiments/tiny_ccf.py): 2 documents, K up to 8 segments, 16-segment streaming,
 grid, 8 reconstructed segments, efficiency at 1k and 2k without the training step. `full` is what
 ./launch/local_suite.sh runs: every test document, K up to the document length, 128-segment
 streaming, a 6 x 5 passkey grid with memory-off controls, 64 segments, efficiency from 1k upward
-with the training step. Sizes are in segments where they define the model's context, so they
+with the training step. `long` is the long-context evaluation (launch/recipes/passkey_long.sh):
+passkey at 32, 128, 256 and 512 segments (4,096 to 65,536 tokens at l=128) x 11 depths in the
+test split's own text, greedy only (the streaming engine encodes the context and decodes only the
+question's segment), read through the export's memory and through a 31-segment memory window,
+with the memory-off control. Sizes are in segments where they define the model's context, so they
 scale with the segment length.
 """
 
@@ -58,6 +62,17 @@ PRESETS = {
         'ae': dict(split='test', docs=64, segments=64, batch=16),
         'efficiency': dict(lengths=[1024, 2048, 4096, 8192, 16384, 32768], decode_steps=16,
                            train_steps=2, max_seconds=300.0),
+    },
+    'long': {  # Long context (launch/recipes/passkey_long.sh): passkey at 4k-64k tokens.
+        'ppl': dict(split='test', docs=8, n_tail_segments=1, k_max_segments=128,
+                    stream_segments=128, doc_batch=4, window_batches=8),
+        'passkey': dict(length_segments=[32, 128, 256, 512],
+                        depths=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], batch=8,
+                        digits=5, seed=0, controls=True, teacher_forced=False, filler='corpus',
+                        memory_windows=[None, 31]),
+        'ae': dict(split='test', docs=16, segments=64, batch=16),
+        'efficiency': dict(lengths=[4096, 16384, 32768, 65536], decode_steps=8, train_steps=0,
+                           max_seconds=300.0),
     },
 }
 

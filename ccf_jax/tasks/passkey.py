@@ -82,8 +82,10 @@ class Example:
 
 def make_example(encode: Callable[[str], Sequence[int]], length: int, depth: float,
                  rng: np.random.Generator, num_digits: int = 5, bos_id: int | None = None,
-                 filler_tokens: Sequence[int] | None = None) -> Example:
-  """A document of exactly `length` tokens with the key statement at `depth` of the filler."""
+                 filler_tokens: Sequence[int] | None = None, filler_start: int = 0) -> Example:
+  """A document of exactly `length` tokens with the key statement at `depth` of the filler.
+
+  The filler is `filler_tokens` (default: FILLER's tokens) read cyclically from `filler_start`."""
   if not 0.0 <= depth <= 1.0:
     raise ValueError(f'depth={depth} must lie in [0, 1].')
   key = ''.join(str(d) for d in rng.integers(0, 10, num_digits))
@@ -95,12 +97,13 @@ def make_example(encode: Callable[[str], Sequence[int]], length: int, depth: flo
   if num_fill < 0:
     raise ValueError(f'length={length} cannot hold the passkey statement, question and answer '
                      f'({length - num_fill} tokens). Fix: use a longer length.')
-  filler = list(filler_tokens) if filler_tokens is not None else list(encode(FILLER))
-  if not filler:
+  filler = np.asarray(filler_tokens if filler_tokens is not None else encode(FILLER), np.int32)
+  if not filler.size:
     raise ValueError('the filler is empty.')
-  fill = [filler[i % len(filler)] for i in range(num_fill)]
+  fill = filler[(int(filler_start) + np.arange(num_fill)) % filler.size]
   at = int(round(depth * num_fill))
-  tokens = prefix + fill[:at] + statement + fill[at:] + question + answer
+  tokens = np.concatenate([np.asarray(prefix, np.int32), fill[:at], np.asarray(statement, np.int32),
+                           fill[at:], np.asarray(question + answer, np.int32)])
   mask = np.zeros(length, np.float32)
   mask[length - len(answer):] = 1.0
   return Example(np.asarray(tokens, np.int32), mask, key, len(prefix) + at, length - len(answer),
@@ -118,7 +121,9 @@ def make_batch(encode: Callable[[str], Sequence[int]], batch_size: int, num_segm
   examples = []
   for _ in range(batch_size):
     d = rng.uniform(*depth) if isinstance(depth, (tuple, list)) else depth
-    examples.append(make_example(encode, length, float(d), rng, num_digits, bos_id, filler_tokens))
+    start = int(rng.integers(len(filler_tokens))) if filler_tokens is not None else 0
+    examples.append(make_example(encode, length, float(d), rng, num_digits, bos_id, filler_tokens,
+                                 start))
   return {
       'tokens': np.stack([e.tokens for e in examples]),
       'loss_mask': np.stack([e.loss_mask for e in examples]),
@@ -162,8 +167,13 @@ class PasskeySource:
   """grain random-access source of passkey training/evaluation windows (`data.task='passkey'`).
 
   Example k is a document of n * l tokens padded to the window's T * l (`num_valid_segments` = n),
-  with the key statement inside segment 0 and the question ending segment n - 1, so the key can
-  reach the answer only through memory. Only the answer tokens are scored. Each example is drawn
+  with the question ending segment n - 1. `depth='segment0'` puts the key statement inside
+  segment 0, so the key can reach the answer only through memory (the most distant case);
+  `depth='uniform'` draws its depth uniformly over the whole filler, so that a model learns to
+  find a key in any segment of a long window (the depth x length grid evaluates every decile).
+  `filler_tokens` (e.g. the corpus's own split, `data.passkey_filler='corpus'`) replaces the
+  repeated FILLER sentences, read from a random offset per example: real text around the key, as
+  long-context evaluations use. Only the answer tokens are scored. Each example is drawn
   from its own generator seeded by (seed, k): the stream is deterministic, needs no shuffling, and
   the iterator state stays a single position (exact resume).
 
@@ -183,13 +193,17 @@ class PasskeySource:
   def __init__(self, encode, num_examples: int, num_segments: int, segment_len: int, seed: int,
                bos_id: int | None, pad_id: int, batch_size: int = 1, min_segments: int = 0,
                curriculum_steps: int = 0, num_digits: int = 5, score_all: bool = False,
-               ae_key: bool = False):
+               ae_key: bool = False, depth: str = 'segment0', filler_tokens=None):
     self.encode, self.n = encode, int(num_examples)
     self.T, self.l, self.seed = int(num_segments), int(segment_len), int(seed)
     self.bos_id, self.pad_id, self.num_digits = bos_id, int(pad_id), int(num_digits)
     self.batch_size, self.curriculum_steps = max(int(batch_size), 1), int(curriculum_steps)
     self.min_segments = int(min_segments) or self.T
     self.score_all, self.ae_key = bool(score_all), bool(ae_key)
+    if depth not in ('segment0', 'uniform'):
+      raise ValueError(f"passkey depth={depth!r}; choose 'segment0' or 'uniform'.")
+    self.depth = depth
+    self.filler = None if filler_tokens is None else np.asarray(filler_tokens, np.int32)
     if not 2 <= self.min_segments <= self.T:
       raise ValueError(f'passkey min_segments={min_segments} must be in [2, ccf.num_segments='
                        f'{self.T}]: the key sits in segment 0 and the question in the last one.')
@@ -211,15 +225,18 @@ class PasskeySource:
     k = int(k)
     n = self.segments_at(k)
     rng = np.random.default_rng([self.seed, k])
-    lo, hi = self._depths[n]
-    ex = make_example(self.encode, n * self.l, float(rng.uniform(lo, hi)), rng, self.num_digits,
-                      self.bos_id)
+    lo, hi = self._depths[n] if self.depth == 'segment0' else (0.0, 1.0)
+    depth = float(rng.uniform(lo, hi))
+    start = int(rng.integers(self.filler.size)) if self.filler is not None else 0
+    ex = make_example(self.encode, n * self.l, depth, rng, self.num_digits, self.bos_id,
+                      self.filler, start)
     tokens = np.full(self.T * self.l, self.pad_id, np.int32)
     mask = np.zeros(self.T * self.l, np.float32)
     tokens[:n * self.l], mask[:n * self.l] = ex.tokens, 1.0 if self.score_all else ex.loss_mask
     out = dict(tokens=tokens, loss_mask=mask, num_valid_segments=np.int32(n))
     if self.ae_key:
-      out.update(ae_segment=np.int32(0), ae_mask=key_digits_mask(ex, self.T * self.l))
+      out.update(ae_segment=np.int32(ex.key_tokens_start // self.l),
+                 ae_mask=key_digits_mask(ex, self.T * self.l))
     return out
 
 
