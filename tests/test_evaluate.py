@@ -20,6 +20,7 @@ from ccf_jax.eval import common as ec
 from ccf_jax.eval import passkey as eval_passkey
 from ccf_jax.eval import ppl as eval_ppl
 from ccf_jax.eval import runner as evaluate
+from ccf_jax import data as data_lib
 from ccf_jax import registry as arch_lib
 from ccf_jax.model import decoder as model_lib
 from ccf_jax.ccf.arch import lm_logits
@@ -338,6 +339,23 @@ def test_quick_report_end_to_end(tmp_path):
     cell = row['cells']['128@0.5']
     assert 'teacher_forced' not in cell and 0.0 <= cell['greedy']['exact_match'] <= 1.0
   assert os.path.getsize(os.path.join(out + '_long', 'passkey.png')) > 1000
+  # A plain decoder export (here the CCF export's decoder alone) scores the held-out batches of
+  # its own pipeline with one causal pass each: the loss of a direct forward on the same batch.
+  model = ec.load(exp)
+  cfg = model.config.copy_and_resolve_references()
+  cfg.model.arch = 'full_attention'
+  decoder = ec.EvalModel(exp, cfg, model.params['decoder'], model.tokenizer, model.info, 'decoder')
+  got = eval_ppl.heldout_windows(decoder, 1)
+  cfg.model.arch = 'decoder'
+  batch = next(iter(data_lib.make_train_iter(cfg, 'test', 0, 1)))
+  decoder_module = model_lib.bind(cfg.model, model.params['decoder'], model_lib.Decoder)
+  logits = np.asarray(decoder_module(jnp.asarray(batch['tokens'])), np.float64)[:, :-1]
+  logits -= logits.max(-1, keepdims=True)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(logp, batch['tokens'][:, 1:, None], -1)[..., 0]
+  w = batch['loss_mask'][:, 1:]
+  assert got['tokens'] == int(w.sum())
+  np.testing.assert_allclose(got['loss'], (ce * w).sum() / w.sum(), rtol=1e-4)
 
 
 def _numbers(tree):

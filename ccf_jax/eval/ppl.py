@@ -38,6 +38,7 @@ from ccf_jax import registry as arch_lib
 from ccf_jax import data as data_lib
 from ccf_jax.ccf.arch import lm_loss
 from ccf_jax.model import decoder as model_lib
+from ccf_jax.model.arch import decoder_loss
 from ccf_jax.ccf import masks
 from ccf_jax.ccf.model import CCFModel, decode_segments, module_config
 
@@ -266,7 +267,7 @@ def heldout_windows(model, max_batches: int, memory: str = 'on') -> dict:
 
   cfg = model.config
   if model.exported_arch == 'decoder':
-    step = ec.jit(lambda p, b: arch_lib.decoder_loss(cfg, p, b, None))
+    step = ec.jit(lambda p, b: decoder_loss(cfg, p, b, None))
   else:
     step = ec.jit(lambda p, b: lm_loss(cfg, p, b, memory))
   if model.exported_arch == 'decoder':  # The packed pipeline of its training.
