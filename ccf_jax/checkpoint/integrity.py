@@ -111,9 +111,13 @@ def fingerprint(tree) -> dict:
     devices = getattr(getattr(x, 'sharding', None), 'device_set', None)
     groups.setdefault(tuple(sorted(d.id for d in devices)) if devices else (), []).append((k, x))
   out = {}
-  for members in groups.values():
-    sums = _fingerprint_leaves([x for _, x in members])
-    out.update({k: int(np.asarray(s.addressable_data(0))) for (k, _), s in zip(members, sums)})
+  for devices, members in groups.items():
+    # Host arrays (an importer's numpy params) go one at a time: a single call would copy all of
+    # them, and their uint32 views, at once (twice the model again at the import's peak).
+    calls = [members] if devices else [[m] for m in members]
+    for call in calls:
+      sums = _fingerprint_leaves([x for _, x in call])
+      out.update({k: int(np.asarray(s.addressable_data(0))) for (k, _), s in zip(call, sums)})
   return out
 
 

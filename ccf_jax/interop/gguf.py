@@ -47,7 +47,9 @@ from ccf_jax.interop import hf, hf_tokenizer
 from ccf_jax.interop.hf_config import CONFIG, ConvertError
 
 SUPPORTED_TYPES = ('F32', 'F16', 'BF16', 'Q8_0', 'Q4_0', 'Q4_1')
-SHARD_BYTES = 1 << 30
+# The intermediate HF directory's shards: safetensors serialises a shard in memory, so a small
+# shard keeps the import's peak at the model plus what is being read (near 2N, not 3N).
+SHARD_BYTES = 1 << 28
 GLOBAL_NAMES = {'token_embd.weight': 'model.embed_tokens.weight',
                 'output_norm.weight': 'model.norm.weight', 'output.weight': 'lm_head.weight'}
 LAYER_NAMES = {'attn_norm': 'input_layernorm', 'attn_q': 'self_attn.q_proj',
