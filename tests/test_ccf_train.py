@@ -12,7 +12,7 @@ import pytest
 from ccf_jax import registry as arch_lib
 from ccf_jax.model import decoder as model_lib
 from ccf_jax.train import optim
-from ccf_jax.core import sharding
+from ccf_jax.core import config_lib, sharding
 from ccf_jax.train import step as ts
 from ccf_jax.ccf import arch as ccf_arch
 from tests import ccf_testing
@@ -168,3 +168,20 @@ def test_auto_encoding_targets_follow_the_batch_ae_mask():
   lm_mask = batch['loss_mask'][batch['num_valid_segments'] > 1, L_SEG:2 * L_SEG - 1]
   assert float(aux_lm['ae_tokens']) == lm_mask.sum() == (L_SEG - 1) * valid - 1  # Window 0: one 0.
   assert float(aux['ae_ce']) != float(aux_lm['ae_ce'])
+
+
+def test_a_ccf_export_continues_whole_under_another_window():
+  """init.params_only of a CCF export (decoder + adapter): taken as it is at another T (passkey
+  at 4k, then at 16k); a model whose memory shapes differ is refused with the fix."""
+  cfg = small_cfg()
+  arch = arch_lib.get_arch(cfg)
+  trained = arch.from_base_params(cfg, init_params(cfg, 5, model_lib.Decoder))
+  longer = small_cfg()
+  longer.ccf.num_segments = 2 * cfg.ccf.num_segments
+  got = arch.from_base_params(longer, trained)
+  assert jax.tree.structure(got) == jax.tree.structure(trained)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(trained)):
+    np.testing.assert_array_equal(a, b)
+  other = small_cfg(num_memory=cfg.ccf.num_memory // 2)
+  with pytest.raises(config_lib.ConfigError, match='the CCF export does not match'):
+    arch.from_base_params(other, trained)

@@ -32,7 +32,6 @@ import ml_collections
 import numpy as np
 
 from ccf_jax import data as data_lib
-
 from ccf_jax.eval import common as ec
 from ccf_jax.ccf.arch import lm_logits
 from ccf_jax.tasks import passkey
