@@ -13,8 +13,8 @@ Why these choices:
   * The key's segment is auto-encoded from its own memory with the key's digits as the only
     targets (`data.passkey_ae_key`): a gradient that reaches the encoder of exactly the segment
     holding the key, whichever the reservoir drew.
-  * decoder_segment_chunk=1: a chunk with nothing scored is not decoded (incremental.decode_window),
-    so only the question's segment pays the decoder, not all 32.
+  * decoder_segment_chunk=1 with decoder_remat='full': a chunk with nothing scored is not decoded
+    (incremental.decode_window), so only the question's segment pays the decoder, not all 32.
   * model.max_position=8448 covers the rotary positions of 64k-token windows (511 segments x 16
     memory rows + 128 raw tokens), so the same export is evaluated past its training length.
     ./launch/local.sh --config=experiments/tiny.py            # the base: runs/local/tiny/export
@@ -39,7 +39,8 @@ def get_config():
   c.ccf.num_segments = 32  # T=32 segments of 128 tokens: 4,096 tokens.
   c.ccf.grad_mode = 'reservoir'  # S encoder graphs a window, memory flat in T.
   c.ccf.reservoir_size = 2  # S.
-  c.ccf.decoder_segment_chunk = 1  # Decode only chunks with targets (the question's segment).
+  c.ccf.decoder_segment_chunk = 1  # Decode only chunks with targets (the question's segment) ...
+  c.ccf.decoder_remat = 'full'  # ... which the decoder remat's cond skips.
   c.ccf.ae_mode = 'extra'  # The key segment's reconstruction ...
   c.ccf.ae_weight = 1.0  # ... weighing as much as the answer.
   c.train.steps = 1200

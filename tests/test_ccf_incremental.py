@@ -430,16 +430,16 @@ def test_decoder_key_rows_count_the_blocks_the_masks_leave_visible(block, k, win
 
 
 def test_chunks_without_targets_are_not_decoded_and_change_nothing():
-  """A chunk whose segments score nothing (passkey filler, padding) is skipped by a lax.cond: with
-  k=1 and targets in two segments only (window 0's last, window 1's second), loss and gradients
-  equal k=T, which decodes every segment."""
+  """A chunk whose segments score nothing (passkey filler, padding) is skipped by a lax.cond inside
+  the decoder remat: with k=1 and targets in two segments only (window 0's last, window 1's
+  second), loss and gradients equal k=T, which decodes every segment."""
   mask = np.zeros_like(BATCH['loss_mask'])
   mask[0, -5:] = 1.0
   mask[1, L_SEG + 2:L_SEG + 6] = 1.0
   batch = dict(BATCH, loss_mask=mask)
 
   def value_and_grad(k):
-    cfg = small_cfg(decoder_segment_chunk=k)
+    cfg = small_cfg(decoder_segment_chunk=k, decoder_remat='full')
     fn = jit(jax.value_and_grad(lambda p, key: ccf_arch.ccf_loss(cfg, p, batch, key)[:2],
                                 has_aux=True))
     (loss, n), grads = fn(params(), jax.random.key(0))

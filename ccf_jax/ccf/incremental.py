@@ -237,12 +237,16 @@ def decode_window(cfg, decoder, tokens, scored, span, memory: GatedMemory):
     return shifted_ce_sums(logits, tgt, w)
 
   if remat and n > 1:
-    chunk_sums = jax.checkpoint(chunk_sums, policy=model_lib.REMAT_POLICIES[x.decoder_remat],
-                                prevent_cse=x.unrolled)  # A scan body needs no CSE barrier.
-  if n > 1:  # A chunk with no target (padding, or a passkey window's filler) is not decoded.
+    # A chunk with no target (padding, a passkey window's filler) is not decoded, forward or
+    # backward. The cond sits inside the checkpoint, whose residuals are the chunk's inputs: outside
+    # it (or without remat) the cond would return the memory buffer as a residual of every chunk,
+    # stacked by the scan: memory quadratic in T (WORKSPACE.md, Long context).
     scored_chunk_sums = chunk_sums
-    chunk_sums = lambda inp: jax.lax.cond(
-        inp[2].sum() > 0, scored_chunk_sums, lambda _: (jnp.zeros((), jnp.float32),) * 3, inp)
+    chunk_sums = jax.checkpoint(
+        lambda inp: jax.lax.cond(inp[2].sum() > 0, scored_chunk_sums,
+                                 lambda _: (jnp.zeros((), jnp.float32),) * 3, inp),
+        policy=model_lib.REMAT_POLICIES[x.decoder_remat],
+        prevent_cse=x.unrolled)  # A scan body needs no CSE barrier.
   add = lambda acc, new: tuple(a + v for a, v in zip(acc, new))
   sums = (jnp.zeros((), jnp.float32),) * 3
   if x.unrolled:
