@@ -131,3 +131,12 @@ def test_passkey_source_uniform_depth_in_corpus_filler():
   assert len(segments) >= 6, segments  # Not only segment 0: depth is uniform over the window.
   with pytest.raises(ValueError, match='depth'):
     passkey.PasskeySource(encode, 10, T, l, seed=0, bos_id=2, pad_id=0, depth='middle')
+  with pytest.raises(ValueError, match='filler text is empty.*passkey_filler=sentences'):
+    passkey.PasskeySource(encode, 10, T, l, seed=0, bos_id=2, pad_id=0, depth='uniform',
+                          filler_tokens=np.zeros(0, np.int32))
+  # Uniform depth needs no room for the statement inside segment 0: segments shorter than it work.
+  short = passkey.PasskeySource(encode, 10, T, 32, seed=0, bos_id=2, pad_id=0, depth='uniform',
+                                filler_tokens=filler)
+  assert short[0]['tokens'].shape == (T * 32,)
+  with pytest.raises(ValueError, match='does not fit in segment 0'):
+    passkey.PasskeySource(encode, 10, T, 32, seed=0, bos_id=2, pad_id=0)

@@ -204,12 +204,16 @@ class PasskeySource:
       raise ValueError(f"passkey depth={depth!r}; choose 'segment0' or 'uniform'.")
     self.depth = depth
     self.filler = None if filler_tokens is None else np.asarray(filler_tokens, np.int32)
+    if self.filler is not None and not self.filler.size:
+      raise ValueError('the passkey filler text is empty (its corpus split has no tokens). Fix: '
+                       "--config.data.passkey_filler=sentences, or a corpus with text in it.")
     if not 2 <= self.min_segments <= self.T:
       raise ValueError(f'passkey min_segments={min_segments} must be in [2, ccf.num_segments='
                        f'{self.T}]: the key sits in segment 0 and the question in the last one.')
+    # 'segment0': the depths that keep the statement inside segment 0, per window length.
     self._depths = {n: depth_range_in_segment(encode, n * self.l, 0, self.l, self.num_digits,
                                               bos_id is not None)
-                    for n in range(self.min_segments, self.T + 1)}
+                    for n in range(self.min_segments, self.T + 1)} if depth == 'segment0' else {}
 
   def __len__(self) -> int:
     return self.n
@@ -225,7 +229,7 @@ class PasskeySource:
     k = int(k)
     n = self.segments_at(k)
     rng = np.random.default_rng([self.seed, k])
-    lo, hi = self._depths[n] if self.depth == 'segment0' else (0.0, 1.0)
+    lo, hi = self._depths.get(n, (0.0, 1.0))
     depth = float(rng.uniform(lo, hi))
     start = int(rng.integers(self.filler.size)) if self.filler is not None else 0
     ex = make_example(self.encode, n * self.l, depth, rng, self.num_digits, self.bos_id,
