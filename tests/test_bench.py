@@ -47,7 +47,7 @@ def test_every_subcommand_module_imports_with_the_dispatcher():
   for sub, own_flag in (('memory', 'steps'), ('signal', 'signal_seeds'),
                         ('passkey', 'passkey_train_baseline'), ('decode', 'steps'),
                         ('efficiency', 'steps'), ('prefill', 'prefill_lengths'),
-                        ('profile', 'profile_shape')):
+                        ('profile', 'profile_shape'), ('convert', 'convert_layers')):
     r = _bench(sub, '--helpfull')
     assert 'Traceback' not in r.stderr and own_flag in r.stdout, (sub, r.stderr[-3000:])
 
@@ -120,3 +120,19 @@ def test_profile_kinds_from_optimised_hlo():
   instrs, comps = profile.parse_hlo(f.lower(*args).compile().as_text())
   kinds = {profile.kind_of(op, called, comps) for op, called, _ in instrs.values()}
   assert 'matmul' in kinds and 'broadcast' in kinds, kinds
+
+
+def test_bench_convert_prints_peaks_and_the_slope():
+  """Random models of 1 and 2 layers, then a fixture directory as the source: the rows carry
+  each peak (a whole process, so above the model's bytes) and the slope between the models."""
+  r = _bench('convert', '--convert_layers=1,2', '--convert_rounds=1')
+  assert r.returncode == 0, r.stderr[-3000:]
+  recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+  assert [x.get('layers') for x in recs[:2]] == [1, 2]
+  assert all(x['peak_rss_bytes'] > x['model_bytes'] > 0 for x in recs[:2])
+  assert recs[2]['bench'] == 'convert_slope' and 'peak_bytes_per_model_byte' in recs[2]
+  src = os.path.join(ROOT, 'tests', 'fixtures', 'hf', 'llama2_gqa_tied')
+  r = _bench('convert', f'--convert_source={src}', '--convert_rounds=1')
+  assert r.returncode == 0, r.stderr[-3000:]
+  (rec,) = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+  assert rec['peak_rss_bytes'] > rec['interpreter_rss_bytes'] > 0 and rec['model_bytes'] > 0

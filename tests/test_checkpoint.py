@@ -173,6 +173,42 @@ def test_async_roundtrip_is_bitwise_and_resumes_data_position(tmp_path):
   mgr.close()
 
 
+def reference_checksum(x) -> int:
+  """The positional checksum in plain numpy (uint32 arithmetic wraps as on device)."""
+  x = np.asarray(x).reshape(-1)
+  u = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]).astype(np.uint32)
+  h = u ^ (np.arange(x.size, dtype=np.uint32) * np.uint32(0x9E3779B1))
+  h = (h ^ (h >> np.uint32(16))) * np.uint32(0x85EBCA6B)
+  h = (h ^ (h >> np.uint32(13))) * np.uint32(0xC2B2AE35)
+  h = h ^ (h >> np.uint32(16))
+  return int(h.sum(dtype=np.uint64) % 2**32)
+
+
+def test_fingerprint_equals_a_numpy_reference_on_host_chunks_and_sharded_arrays(monkeypatch):
+  """Host arrays are hashed in padded chunks (bounded memory), device arrays whole under their
+  sharding; both must give the checksum of the formula, and one flipped bit must change it."""
+  from ccf_jax.checkpoint import integrity
+  monkeypatch.setattr(integrity, '_CHUNK', 1000)  # Several chunks, a padded or clamped tail.
+  rng = np.random.default_rng(0)
+  leaves = {'f32': rng.normal(size=(37, 129)).astype(np.float32),
+            'bf16': rng.normal(size=(2501,)).astype(jax.numpy.bfloat16),
+            'i8': rng.integers(-128, 127, size=(3, 5, 7), dtype=np.int8),
+            'one': np.float32(2.5)}
+  mesh = make_mesh((2, 2, 2))
+  sharded = jax.device_put(leaves['f32'][:32, :128], NamedSharding(mesh, P('fsdp', 'tensor')))
+  one_device = jax.device_put(leaves['f32'], jax.devices()[0])  # Read in slices, tail clamped.
+  got = ckpt.fingerprint({'a': leaves, 'sharded': sharded, 'one_device': one_device})
+  assert got['one_device'] == reference_checksum(leaves['f32'])
+  for k, v in leaves.items():
+    assert got[f'a.{k}'] == reference_checksum(v), k
+  assert got['sharded'] == reference_checksum(leaves['f32'][:32, :128])
+  whole = integrity._leaf_fingerprint(sharded)  # The device path, as on an accelerator.
+  assert int(np.asarray(whole.addressable_data(0))) == got['sharded']
+  flipped = leaves['f32'].copy()
+  flipped.view(np.uint32)[20, 100] ^= 1 << 7
+  assert ckpt.fingerprint({'x': flipped})['x'] != got['a.f32']
+
+
 @pytest.mark.parametrize('shape', [(1, 8, 1), (8, 1, 1), None], ids=['1x8x1', '8x1x1', 'single'])
 def test_restore_onto_a_different_mesh(saved, shape):
   mesh = make_mesh(shape) if shape else None

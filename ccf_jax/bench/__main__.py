@@ -13,6 +13,7 @@ Subcommands (one module each; a subcommand's own flags are defined by its module
   decode      prefill and per-token decode time against context (`bench/decode.py`).
   prefill     plain-decoder prefill tokens/s against prompt length, of an export or a config
               (`bench/decode.py`).
+  convert     the import's peak host memory against the model's size (`bench/convert.py`).
   efficiency  the efficiency evaluation's tables (`eval/efficiency.py`).
   peer        the train step against PyTorch + transformers on the same shapes (`bench/peer.py`).
   profile     the train step's time per operation, by kind and by model component, from a
@@ -49,6 +50,7 @@ SUBCOMMANDS = {
     'passkey': 'ccf_jax.bench.signal:bench_passkey',
     'decode': 'ccf_jax.bench.decode:bench_decode',
     'prefill': 'ccf_jax.bench.decode:bench_prefill',
+    'convert': 'ccf_jax.bench.convert:bench_convert',
     'efficiency': 'ccf_jax.eval.efficiency:bench_efficiency',
     'peer': 'ccf_jax.bench.peer:bench_peer',
     'profile': 'ccf_jax.bench.profile:bench_profile',

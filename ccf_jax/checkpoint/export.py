@@ -131,6 +131,22 @@ def _params_fingerprint(params) -> dict:
   return ckpt_lib.fingerprint({PARAMS: params})
 
 
+def move_to_cpu_device(params: dict) -> dict:
+  """A nested dict of host numpy params (an importer's) as jax arrays on the CPU device, moved
+  one leaf at a time and removed from `params` as they go, so the model is held once plus one
+  leaf. Orbax copies numpy leaves whole into its serialisation buffers before writing any (the
+  model's size again on top of an import's peak) but streams jax.Arrays. The CPU device, not the
+  default one, so a converter running beside an accelerator never moves weights onto it."""
+  cpu = jax.local_devices(backend='cpu')[0]
+  out = {}
+  for k in list(params):
+    v = params.pop(k)
+    out[k] = move_to_cpu_device(v) if isinstance(v, dict) else jax.device_put(v, cpu)
+    if not isinstance(v, dict):
+      out[k].block_until_ready()  # The copy is asynchronous: finish it before dropping `v`.
+  return out
+
+
 def _check_out(out_dir: epath.Path, overwrite: bool):
   if out_dir.exists() and not overwrite:
     raise ExportError(f'{out_dir} already exists. Fix: pass --overwrite, or choose another --out.')

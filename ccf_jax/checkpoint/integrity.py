@@ -12,6 +12,7 @@ not corruption; `check_compatible` raises `CheckpointMismatchError` for it. The 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import logging as py_logging
@@ -63,33 +64,90 @@ def _keystr(path) -> str:
   return '.'.join(parts)
 
 
-def _leaf_fingerprint(x):
-  """sum_i fmix32(bits[i] ^ hash(i)) mod 2^32: exact under any sharding; catches any 1-bit flip."""
+def _mix_sum(u, idx, valid=None):
+  """sum_i fmix32(u[i] ^ hash(idx[i])) mod 2^32 over uint32 words `u` at flat positions `idx`.
+
+  murmur3's fmix32 of (bits xor position hash) is a bijection per position, so any change of one
+  element changes exactly one term (every 1-bit flip is caught), and, being non-linear, a
+  systematic change (e.g. every value doubled) does not cancel out in the sum. The sum splits
+  over any partition of the positions, which the host path below uses."""
+  h = u ^ (idx * jnp.uint32(0x9E3779B1))
+  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+  h = h ^ (h >> 16)
+  if valid is not None:
+    h = jnp.where(valid, h, jnp.uint32(0))
+  return jnp.sum(h, dtype=jnp.uint32)
+
+
+def _words(x):
+  """The uint32 words hashed for `x`: bits widened for 1/2-byte types, a trailing dim of 2 for
+  8-byte ones, key data for PRNG keys."""
   if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
     x = jax.random.key_data(x)
   if x.dtype == jnp.bool_:
-    u = x.astype(jnp.uint32)
-  else:
-    uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    u = lax.bitcast_convert_type(x, uint).astype(jnp.uint32)  # 8-byte types gain a trailing dim 2.
+    return x.astype(jnp.uint32)
+  uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return lax.bitcast_convert_type(x, uint).astype(jnp.uint32)
+
+
+@jax.jit
+def _leaf_fingerprint(x):
+  """The checksum of a whole (possibly sharded) array; exact under any sharding."""
+  u = _words(x)
   idx = jnp.zeros(u.shape, jnp.uint32)
   stride = 1
   for d in reversed(range(u.ndim)):  # Flat index without a reshape (no resharding of the input).
     idx = idx + lax.broadcasted_iota(jnp.uint32, u.shape, d) * jnp.uint32(stride % 2**32)
     stride *= u.shape[d]
-  # murmur3's fmix32 of (bits xor position hash): a bijection per position, so any change of one
-  # element changes exactly one term (every 1-bit flip is caught), and, being non-linear, a
-  # systematic change (e.g. every value doubled) does not cancel out in the sum.
-  h = u ^ (idx * jnp.uint32(0x9E3779B1))
-  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
-  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
-  h = h ^ (h >> 16)
-  return jnp.sum(h, dtype=jnp.uint32)
+  return _mix_sum(u, idx)
 
 
 @jax.jit
-def _fingerprint_leaves(leaves):
-  return [_leaf_fingerprint(x) for x in leaves]
+def _chunk_fingerprint(chunk, offset, n):
+  """The checksum's terms for the first `n` elements of a 1-D host chunk starting at flat
+  position `offset` (chunks are padded to a power of two, so few sizes compile)."""
+  i = lax.iota(jnp.uint32, chunk.shape[0])
+  return _mix_sum(_words(chunk), offset + i, valid=i < n)
+
+
+@functools.partial(jax.jit, static_argnames='size')
+def _slice_fingerprint(x, start, *, size):
+  """The terms for flat positions [start, start + size) of a single-device array, read in place
+  (a row-major reshape is a bitcast). dynamic_slice clamps a slice that would run past the end
+  back inside it; positions before `start` are then masked out, as an earlier slice counted them."""
+  n = x.size
+  lo = jnp.minimum(start, n - size).astype(jnp.uint32)
+  idx = lo + lax.iota(jnp.uint32, size)
+  chunk = lax.dynamic_slice(x.reshape(-1), (lo,), (size,))
+  return _mix_sum(_words(chunk), idx, valid=idx >= start.astype(jnp.uint32))
+
+
+# Elements per chunk: XLA:CPU materialises the hashed words before the reduction, so hashing a
+# whole array at once needs several times its size in temporaries; chunks bound them.
+_CHUNK = 1 << 22
+
+
+def _fingerprint_leaf(x) -> int:
+  """One leaf's checksum: numpy in padded chunks of zero-copy views; a large single-device array
+  in slices read in place; anything else (sharded, PRNG keys, bool, 8-byte) whole, on device."""
+  kind = np.dtype(x.dtype) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else None
+  chunkable = kind is not None and kind != np.bool_ and kind.itemsize in (1, 2, 4)
+  if chunkable and isinstance(x, (np.ndarray, np.generic)):
+    flat, total = np.asarray(x).reshape(-1), 0
+    for start in range(0, flat.size, _CHUNK):
+      chunk = flat[start:start + _CHUNK]
+      n = chunk.size
+      size = min(_CHUNK, 1 << max(n - 1, 0).bit_length())
+      if size != n:
+        chunk = np.concatenate([chunk, np.zeros(size - n, chunk.dtype)])
+      total += int(_chunk_fingerprint(chunk, np.uint32(start % 2**32), np.uint32(n)))
+    return total % 2**32
+  if chunkable and len(x.sharding.device_set) == 1 and _CHUNK < x.size < 2**31:
+    total = sum(int(_slice_fingerprint(x, np.int32(start), size=_CHUNK))
+                for start in range(0, x.size, _CHUNK))
+    return total % 2**32
+  return int(np.asarray(_leaf_fingerprint(x).addressable_data(0)))
 
 
 def _fingerprintable(x) -> bool:
@@ -106,19 +164,8 @@ def fingerprint(tree) -> dict:
   """{'params.blk.w': uint32 checksum} for every numeric array leaf of `tree` (arrays or numpy)."""
   flat = [(_keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
   flat = [(k, x) for k, x in flat if _fingerprintable(x)]
-  groups = {}  # One jit call per device set (a jit cannot mix arrays committed to different ones).
-  for k, x in flat:
-    devices = getattr(getattr(x, 'sharding', None), 'device_set', None)
-    groups.setdefault(tuple(sorted(d.id for d in devices)) if devices else (), []).append((k, x))
-  out = {}
-  for devices, members in groups.items():
-    # Host arrays (an importer's numpy params) go one at a time: a single call would copy all of
-    # them, and their uint32 views, at once (twice the model again at the import's peak).
-    calls = [members] if devices else [[m] for m in members]
-    for call in calls:
-      sums = _fingerprint_leaves([x for _, x in call])
-      out.update({k: int(np.asarray(s.addressable_data(0))) for (k, _), s in zip(call, sums)})
-  return out
+  # One leaf at a time, host arrays in chunks: the extra memory is one chunk, not the tree.
+  return {k: _fingerprint_leaf(x) for k, x in flat}
 
 
 def verify_fingerprint(tree, expected: dict, where: str, saved_dtypes: dict):

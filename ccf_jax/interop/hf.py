@@ -84,6 +84,7 @@ def hf_to_export(hf_dir, out, *, param_dtype: str = 'auto', overwrite: bool = Fa
           'hf_dtype': hf.get('dtype', hf.get('torch_dtype')), 'tokenizer': tok_info,
           'source_dtype': stored_dtype(hf_dir),
           **(source_info or {})}
+  params = export_lib.move_to_cpu_device(params)  # Emptied: the weights are held once.
   export_lib.write_export(out, params, json.loads(cfg.to_json_best_effort()), files=files,
                           info=info, overwrite=overwrite)
   return os.path.abspath(os.fspath(out))
