@@ -108,6 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.steps = 1000  # Total optimizer steps (the schedule's horizon).
   t.time_budget_s = 0.0  # Stop training after this many seconds (0 = no limit); a checkpoint is saved.
   t.lr = 3e-3  # Peak learning rate.
+  t.adapter_lr_mult = 1.0  # CCF parameters' (memory, gate, LoRAs) lr = lr x this (train/optim.py).
   t.warmup_steps = 50  # Linear warmup steps.
   t.decay = 'cosine'  # Decay after warmup: cosine | linear | constant.
   t.end_lr_frac = 0.1  # Final lr as a fraction of the peak.

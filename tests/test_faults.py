@@ -63,6 +63,8 @@ def test_config_messages_name_the_real_fault():
   for lr in (math.inf, math.nan, 0.0, -1e-3):
     with pytest.raises(config_lib.ConfigError, match=r'train.lr=.*finite and > 0'):
       config_lib.validate(small(train__lr=lr))
+    with pytest.raises(config_lib.ConfigError, match=r'train.adapter_lr_mult=.*finite and > 0'):
+      config_lib.validate(small(train__adapter_lr_mult=lr))
   c = tiny_ccf.get_config()
   c.ccf.segment_len, c.ccf.num_memory = 100, 16
   with pytest.raises(config_lib.ConfigError) as e:

@@ -121,6 +121,34 @@ def test_nan_in_batch_is_caught_and_skipped():
     assert float(m['finite']) == 1.0 and int(state.nonfinite_count) == 1
 
 
+def test_adapter_lr_mult_scales_only_the_ccf_parameters():
+  """Against optax itself: with clipping off, a step with train.adapter_lr_mult=10 equals plain
+  AdamW at lr for the base and AdamW at 10 x lr for the `adapter` subtree, over three steps."""
+  import optax
+  c = small_config()
+  set_fields(c, 'train', clip_norm=0.0, warmup_steps=2, steps=10, adapter_lr_mult=10.0)
+  rng = np.random.default_rng(0)
+  params = {'adapter': {'memory': rng.normal(size=(4, 8)).astype(np.float32),
+                        'memory_gate': np.zeros((2, 2), np.float32)},
+            'decoder': {'w': rng.normal(size=(8, 8)).astype(np.float32),
+                        'norm': {'scale': np.ones(8, np.float32)}}}
+  tx = optim.make_optimizer(c.train)
+  ref = {k: optax.adamw(lambda n, m=m: m * optim.schedule(c.train)(n), b1=c.train.b1,
+                        b2=c.train.b2, eps=c.train.eps, weight_decay=c.train.weight_decay,
+                        mask=optim.decay_mask)
+         for k, m in (('adapter', 10.0), ('decoder', 1.0))}
+  state, ref_state = tx.init(params), {k: ref[k].init(params[k]) for k in ref}
+  for i in range(3):
+    grads = jax.tree.map(lambda x, i=i: np.sin(x + i).astype(np.float32), params)
+    updates, state = tx.update(grads, state, params)
+    for k in ref:
+      want, ref_state[k] = ref[k].update(grads[k], ref_state[k], params[k])
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+                   updates[k], want)
+    params = optax.apply_updates(params, updates)
+  assert float(np.abs(np.asarray(params['adapter']['memory_gate'])).max()) > 0
+
+
 def test_weight_decay_mask_skips_norms():
   c = small_config()
   from ccf_jax.model import decoder as model_lib

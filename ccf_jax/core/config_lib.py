@@ -138,6 +138,10 @@ def validate(cfg, num_devices: int | None = None, *,
   _require(math.isfinite(t.lr) and t.lr > 0,
            f'train.lr={t.lr}: the learning rate must be finite and > 0. Fix: '
            '--config.train.lr=3e-4 (or another positive value).')
+  mult = t.get('adapter_lr_mult', 1.0)
+  _require(math.isfinite(mult) and mult > 0,
+           f'train.adapter_lr_mult={mult}: must be finite and > 0. Fix: '
+           '--config.train.adapter_lr_mult=1 (the CCF parameters at train.lr).')
   _require(t.max_update_ratio == 0 or (math.isfinite(t.max_update_ratio) and t.max_update_ratio > 0),
            f'train.max_update_ratio={t.max_update_ratio} must be finite and > 0, or 0 (off). Fix: '
            '--config.train.max_update_ratio=1.0.')
