@@ -193,6 +193,8 @@ def test_fingerprint_equals_a_numpy_reference_on_host_chunks_and_sharded_arrays(
   leaves = {'f32': rng.normal(size=(37, 129)).astype(np.float32),
             'bf16': rng.normal(size=(2501,)).astype(jax.numpy.bfloat16),
             'i8': rng.integers(-128, 127, size=(3, 5, 7), dtype=np.int8),
+            'u16': rng.integers(0, 2**16, size=(2000,), dtype=np.uint16),  # A whole chunk twice.
+            'empty': np.zeros((0, 3), np.float32),
             'one': np.float32(2.5)}
   mesh = make_mesh((2, 2, 2))
   sharded = jax.device_put(leaves['f32'][:32, :128], NamedSharding(mesh, P('fsdp', 'tensor')))

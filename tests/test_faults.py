@@ -65,6 +65,8 @@ def test_config_messages_name_the_real_fault():
       config_lib.validate(small(train__lr=lr))
     with pytest.raises(config_lib.ConfigError, match=r'train.adapter_lr_mult=.*finite and > 0'):
       config_lib.validate(small(train__adapter_lr_mult=lr))
+  with pytest.raises(config_lib.ConfigError, match=r"adapter_lr_mult=10.0 .*model.arch='decoder'"):
+    config_lib.validate(small(train__adapter_lr_mult=10.0))  # No CCF parameters to scale.
   c = tiny_ccf.get_config()
   c.ccf.segment_len, c.ccf.num_memory = 100, 16
   with pytest.raises(config_lib.ConfigError) as e:

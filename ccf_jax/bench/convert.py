@@ -27,6 +27,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from ccf_jax.core import config_lib
 from ccf_jax.interop import hf_weights
 
 _SOURCE = flags.DEFINE_string('convert_source', '', 'bench convert: a .gguf file or Hugging Face '
@@ -69,11 +70,15 @@ def random_hf_dir(d, num_layers: int, seed: int = 0) -> int:
 def peak_rss_bytes(args) -> int:
   """Peak resident memory of `python ARGS` run in a fresh probe process (its child's
   ru_maxrss), so that nothing of this process counts."""
-  probe = ('import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, '
-           'stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); '
-           'print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)')
-  out = subprocess.run([sys.executable, '-c', probe, sys.executable] + list(args), check=True,
+  probe = ('import resource, subprocess, sys; '
+           'r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); '
+           'print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); '
+           'sys.exit(r.returncode)')
+  out = subprocess.run([sys.executable, '-c', probe, sys.executable] + list(args),
                        capture_output=True, text=True, cwd=REPO)
+  if out.returncode:
+    last = (out.stderr.strip().splitlines() or ['(no output)'])[-1]
+    raise config_lib.ConfigError(f'python {" ".join(args)} failed: {last}')
   return int(out.stdout.split()[-1])
 
 
@@ -99,13 +104,18 @@ def bench_convert(config) -> list:
                    'peak_rss_bytes': peak, 'interpreter_rss_bytes': interpreter,
                    'peak_over_interpreter_per_model_byte': round((peak - interpreter) / n, 3)})
       return rows
-    for layers in sorted(int(x) for x in _LAYERS.value):
+    layers_list = sorted({int(x) for x in _LAYERS.value})
+    if len(layers_list) < 2 or layers_list[0] < 1:
+      raise config_lib.ConfigError(f'--convert_layers={",".join(_LAYERS.value)}: give two or more distinct '
+                       'depths >= 1 (the slope is taken between the smallest and the largest). '
+                       'Fix: --convert_layers=4,24.')
+    for layers in layers_list:
       src = os.path.join(work, f'hf{layers}')
       n = random_hf_dir(src, layers)
       rows.append({'bench': 'convert', 'layers': layers, 'model_bytes': n,
                    'peak_rss_bytes': _convert_peak(src, work, f'x{layers}')})
       print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-  if len(rows) > 1:
+  if rows:
     a, b = rows[0], rows[-1]
     rows.append({'bench': 'convert_slope', 'peak_bytes_per_model_byte': round(
         (b['peak_rss_bytes'] - a['peak_rss_bytes']) / (b['model_bytes'] - a['model_bytes']), 3),

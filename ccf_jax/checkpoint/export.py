@@ -137,7 +137,10 @@ def move_to_cpu_device(params: dict) -> dict:
   leaf. Orbax copies numpy leaves whole into its serialisation buffers before writing any (the
   model's size again on top of an import's peak) but streams jax.Arrays. The CPU device, not the
   default one, so a converter running beside an accelerator never moves weights onto it."""
-  cpu = jax.local_devices(backend='cpu')[0]
+  try:
+    cpu = jax.local_devices(backend='cpu')[0]
+  except RuntimeError:  # JAX_PLATFORMS names no CPU: Orbax gets the numpy params as they are.
+    return params
   out = {}
   for k in list(params):
     v = params.pop(k)

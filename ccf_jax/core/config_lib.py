@@ -142,6 +142,11 @@ def validate(cfg, num_devices: int | None = None, *,
   _require(math.isfinite(mult) and mult > 0,
            f'train.adapter_lr_mult={mult}: must be finite and > 0. Fix: '
            '--config.train.adapter_lr_mult=1 (the CCF parameters at train.lr).')
+  _require(mult == 1.0 or (cfg.model.arch == 'ccf' and cfg.ccf.mode != 'adapter'),
+           f'train.adapter_lr_mult={mult} sets the lr of CCF parameters next to a trained base, '
+           f'but model.arch={cfg.model.arch!r}, ccf.mode={cfg.ccf.get("mode")!r} has '
+           f'{"no CCF parameters" if cfg.model.arch != "ccf" else "no trained base"}. Fix: '
+           '--config.train.adapter_lr_mult=1 and set the rate with --config.train.lr.')
   _require(t.max_update_ratio == 0 or (math.isfinite(t.max_update_ratio) and t.max_update_ratio > 0),
            f'train.max_update_ratio={t.max_update_ratio} must be finite and > 0, or 0 (off). Fix: '
            '--config.train.max_update_ratio=1.0.')

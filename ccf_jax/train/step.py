@@ -187,6 +187,8 @@ def make_train_step(cfg, tx):
         opt_state=keep(new_opt, state.opt_state),
         nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32))
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': lr_fn(state.step),
+               **({'lr_adapter': lr_fn(state.step) * cfg.train.adapter_lr_mult}
+                  if cfg.train.get('adapter_lr_mult', 1.0) != 1.0 else {}),
                'tokens': n, 'finite': finite.astype(jnp.float32),
                'update_ok': ok.astype(jnp.float32), 'update_ratio': update_ratio,
                'accuracy': aux.get('correct', 0.0) / denom,
