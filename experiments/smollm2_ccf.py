@@ -7,9 +7,10 @@ frozen (`ccf.mode='adapter'`): what trains is the encoder's LoRA on q/v, the mem
 
 Why the gate: with the paper's single softmax over [memory; raw], the memory rows of a fresh
 adapter take attention mass from the raw tokens and the pretrained model stops being itself
-(the first loss doubles). `ccf.memory_gate='tanh'` gives the memory its own softmax, added with a
-per-head weight tanh(g), g = 0 at the start: the decoder starts exactly as segment_local (each
-segment alone) and the memory is let in as it becomes useful. Windows: 8 segments of 128 tokens
+(the first loss rises by about a nat; README has the measurement). `ccf.memory_gate='tanh'`
+gives the memory its own softmax, added with a per-head weight tanh(g), g = 0 at the start: the
+decoder starts exactly as segment_local (each segment alone) and the memory is let in as it
+becomes useful. Windows: 8 segments of 128 tokens
 (1,024 tokens), 16 memory tokens per segment (8x).
     ./launch/recipes/smollm2_gguf.sh --work=runs/smollm2        # the base export (a minute)
     python -m ccf_jax.train --config=experiments/smollm2_ccf.py --workdir=runs/smollm2_ccf
