@@ -17,6 +17,7 @@ peak vary by a few tens of MB.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 
 from ccf_jax.core import config_lib
-from ccf_jax.interop import hf_weights
+from ccf_jax.interop import hf_config, hf_weights
 
 _SOURCE = flags.DEFINE_string('convert_source', '', 'bench convert: a .gguf file or Hugging Face '
                               'directory to convert; empty = random Llama models.')
@@ -45,25 +46,18 @@ SHAPE = dict(d_model=512, num_heads=8, num_kv_heads=8, head_dim=64, mlp_dim=1376
 
 def random_hf_dir(d, num_layers: int, seed: int = 0) -> int:
   """Writes a random float32 Llama checkpoint directory at `d` (64 MB shards); returns N."""
-  fields = dict(SHAPE, num_layers=num_layers)
+  from experiments import base
+  m = base.get_config().model
+  m.update(SHAPE, num_layers=num_layers)
   rng = np.random.default_rng(seed)
   params = {}
-  for path, shape in hf_weights._expected_shapes(fields).items():
-    node = params
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = rng.standard_normal(shape, np.float32) * 0.02
+  for path, shape in hf_weights._expected_shapes(m).items():
+    functools.reduce(lambda t, k: t.setdefault(k, {}), path[:-1], params)[path[-1]] = (
+        rng.standard_normal(shape, np.float32) * 0.02)
   os.makedirs(d)
   hf_weights.write_shards(hf_weights.params_to_hf_state(params, False), os.fspath(d), 64 << 20)
-  cfg = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_act': 'silu',
-         'hidden_size': SHAPE['d_model'], 'intermediate_size': SHAPE['mlp_dim'],
-         'num_hidden_layers': num_layers, 'num_attention_heads': SHAPE['num_heads'],
-         'num_key_value_heads': SHAPE['num_kv_heads'], 'head_dim': SHAPE['head_dim'],
-         'vocab_size': SHAPE['vocab_size'], 'max_position_embeddings': 2048,
-         'rms_norm_eps': 1e-5, 'rope_theta': 10000.0, 'tie_word_embeddings': False,
-         'attention_bias': False, 'mlp_bias': False, 'dtype': 'float32'}
-  with open(os.path.join(d, 'config.json'), 'w') as f:
-    json.dump(cfg, f, indent=2)
+  with open(os.path.join(d, hf_config.CONFIG), 'w') as f:
+    json.dump(hf_config.model_config_to_hf_config(m), f, indent=2)
   return int(sum(a.nbytes for a in jax.tree.leaves(params)))
 
 
@@ -106,9 +100,10 @@ def bench_convert(config) -> list:
       return rows
     layers_list = sorted({int(x) for x in _LAYERS.value})
     if len(layers_list) < 2 or layers_list[0] < 1:
-      raise config_lib.ConfigError(f'--convert_layers={",".join(_LAYERS.value)}: give two or more distinct '
-                       'depths >= 1 (the slope is taken between the smallest and the largest). '
-                       'Fix: --convert_layers=4,24.')
+      raise config_lib.ConfigError(
+          f'--convert_layers={",".join(_LAYERS.value)}: give two or more distinct depths >= 1 '
+          '(the slope is taken between the smallest and the largest). Fix: '
+          '--convert_layers=4,24.')
     for layers in layers_list:
       src = os.path.join(work, f'hf{layers}')
       n = random_hf_dir(src, layers)
@@ -121,4 +116,3 @@ def bench_convert(config) -> list:
         (b['peak_rss_bytes'] - a['peak_rss_bytes']) / (b['model_bytes'] - a['model_bytes']), 3),
         'target': 'near 2'})
   return rows
-
