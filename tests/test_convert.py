@@ -374,4 +374,3 @@ def test_live_transformers(name, exports, tmp_path):
       ref = m(tokens).logits.float().numpy()
     assert np.abs(ref - exp['logits']).max() < ATOL
     assert np.abs(ref - ours).max() < ATOL
-
