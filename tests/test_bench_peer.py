@@ -12,8 +12,10 @@ import subprocess
 import sys
 
 import ml_collections
+import pytest
 
 from ccf_jax.bench import peer
+from ccf_jax.core import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ['--config.model.d_model=32', '--config.model.num_layers=2', '--config.model.num_heads=4',
@@ -24,7 +26,8 @@ SMALL = ['--config.model.d_model=32', '--config.model.num_layers=2', '--config.m
 def test_bench_peer_prints_rows_and_a_summary():
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   r = subprocess.run([sys.executable, '-m', 'ccf_jax.bench', 'peer', '--config=experiments/tiny.py',
-                      '--peer_shapes=config', '--peer_rounds=1', '--steps=1', *SMALL], cwd=ROOT,
+                      '--peer_shapes=config', '--peer_rounds=1', '--steps=1', *SMALL,
+                      '--peer_xla=nofast=--xla_cpu_enable_fast_math=false'], cwd=ROOT,
                      env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
@@ -35,6 +38,9 @@ def test_bench_peer_prints_rows_and_a_summary():
   assert jx['cpu_s'] > 0
   summary = by['peer_summary', None]
   assert summary['ccf_jax']['tokens_per_s'] == jx['tokens_per_s']
+  variant = by['peer', 'ccf_jax+nofast']  # The same step in its own child, XLA_FLAGS appended.
+  assert variant['params'] == jx['params'] and variant['tokens_per_s'] > 0
+  assert summary['ccf_jax+nofast']['speedup_vs_ccf_jax'] == round(jx['step_s'] / variant['step_s'], 3)
   pt = by['peer', 'torch']
   if importlib.util.find_spec('torch') and importlib.util.find_spec('transformers'):
     assert pt['params'] == jx['params'] and summary['ratio_tokens_per_s'] > 0
@@ -67,3 +73,10 @@ def test_summary_ratio_is_ccf_jax_over_torch_tokens_per_s():
   assert s['ratio_tokens_per_s'] == 0.5  # ccf_jax half as fast.
   assert s['ratio_paired_median'] == 0.625  # Per round: 0.5, 0.75.
   assert s['ratio_peak_rss'] == 2.0 and s['ratio_cpu_s'] == 0.5
+
+
+def test_xla_variants_parse_and_refuse_malformed_entries():
+  assert peer.xla_variants(['a=--x=1 --y=2', 'b_2= --z=3']) == {'a': '--x=1 --y=2', 'b_2': '--z=3'}
+  for bad in (['--x=1'], ['a=x=1'], ['a b=--x=1'], ['a=--x=1', 'a=--y=1'], ['a=']):
+    with pytest.raises(config_lib.ConfigError, match='--peer_xla='):
+      peer.xla_variants(bad)

@@ -50,6 +50,7 @@ import ml_collections
 from absl import flags
 
 from ccf_jax.bench import steps_flag
+from ccf_jax.core import config_lib
 from ccf_jax.core import flops as flops_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,6 +76,10 @@ _SHAPES = flags.DEFINE_list('peer_shapes', 'S1,S2,S3,CCF8x', f'bench peer: shape
 _ROUNDS = flags.DEFINE_integer('peer_rounds', 2, 'bench peer: alternating rounds (one subprocess '
                                'per system and shape each); step_s is the fastest.', lower_bound=1)
 _SYSTEMS = flags.DEFINE_list('peer_systems', ','.join(SYSTEMS), f'bench peer: of {list(SYSTEMS)}.')
+_XLA = flags.DEFINE_multi_string(
+    'peer_xla', [], "bench peer: an XLA_FLAGS variant of ccf_jax, 'NAME=--flag=v --flag2=v' "
+    '(repeatable), timed as system ccf_jax+NAME in the same alternation, with the flags appended '
+    "to XLA_FLAGS in its child only; the summary gives its tokens/s against ccf_jax's.")
 for _flag, _names in ((_SHAPES, SHAPE_NAMES), (_SYSTEMS, SYSTEMS)):
   flags.register_validator(_flag, lambda v, names=_names: bool(v) and set(v) <= set(names),
                            f'--{_flag.name} takes a non-empty list of {list(_names)}.')
@@ -101,6 +106,21 @@ def shape_config(base, shape: str) -> ml_collections.ConfigDict:
   return cfg
 
 
+def xla_variants(specs) -> dict:
+  """{NAME: flags} from --peer_xla's 'NAME=FLAGS' entries; a malformed one is a ConfigError (one
+  line from the entry point). An XLA flag this jaxlib does not know aborts that child only: its
+  rows carry the error."""
+  out = {}
+  for spec in specs:
+    name, sep, fl = spec.partition('=')
+    if not sep or not name.isidentifier() or not fl.strip().startswith('--') or name in out:
+      raise config_lib.ConfigError(
+          f"--peer_xla={spec!r} is not 'NAME=--xla_flag=value ...' with a new NAME (letters, "
+          "digits, _). Fix: e.g. --peer_xla='onednn=--xla_cpu_use_onednn=true'.")
+    out[name] = fl.strip()
+  return out
+
+
 def peer_available() -> bool:
   """Whether torch and transformers are importable (checked without importing them here)."""
   return all(importlib.util.find_spec(m) is not None for m in ('torch', 'transformers'))
@@ -109,7 +129,6 @@ def peer_available() -> bool:
 def train_flops(cfg) -> tuple[float, str]:
   """(FLOPs of one step, the formula's name): decoder_train_flops for decoder shapes (both
   systems), the arch's own count for CCF."""
-  from ccf_jax.core import config_lib
   b, length = cfg.data.batch_size, config_lib.window_len(cfg)
   if cfg.model.arch == 'decoder':
     return flops_lib.decoder_train_flops(cfg, b, length), 'decoder_train_flops'
@@ -214,7 +233,6 @@ def run_child(system: str, cfg, steps: int, env: dict | None = None) -> dict:
 
 def system_row(shape: str, system: str, cfg, runs: list) -> dict:
   """One (shape, system) row from its per-round child results."""
-  from ccf_jax.core import config_lib
   length = config_lib.window_len(cfg)
   row = {'bench': 'peer', 'shape': shape, 'system': system, 'arch': cfg.model.arch,
          'batch': cfg.data.batch_size, 'length': length}
@@ -246,6 +264,11 @@ def summary_row(shape: str, rows: dict) -> dict:
         'tokens_per_s', 'step_s', 'model_gflops_per_s', 'peak_rss_gb', 'cpu_s']
     out[name] = {k: r[k] for k in keys}
   jx, pt = rows.get('ccf_jax', {}), rows.get('torch', {})
+  for name, r in rows.items():
+    if name.startswith('ccf_jax+') and 'step_s' in r and 'step_s' in jx:
+      paired = [a / b for a, b in zip(jx['block_s'], r['block_s']) if a and b]
+      out[name].update(speedup_vs_ccf_jax=round(jx['step_s'] / r['step_s'], 3),
+                       speedup_paired_median=round(statistics.median(paired), 3))
   if 'step_s' in jx and 'step_s' in pt:
     out['ratio_tokens_per_s'] = round(pt['step_s'] / jx['step_s'], 3)
     paired = [b / a for a, b in zip(jx['block_s'], pt['block_s']) if a and b]
@@ -262,7 +285,8 @@ def summary_row(shape: str, rows: dict) -> dict:
 def bench_peer(config) -> list:
   """`bench peer`: rows per (shape, system), then one summary per shape (see the module doc)."""
   shapes = list(_SHAPES.value)
-  systems = [s for s in SYSTEMS if s in _SYSTEMS.value]
+  variants = xla_variants(_XLA.value)
+  systems = [s for s in SYSTEMS if s in _SYSTEMS.value] + [f'ccf_jax+{n}' for n in variants]
   steps, rounds = steps_flag(), _ROUNDS.value
   skipped = None
   if 'torch' in systems and not peer_available():
@@ -276,7 +300,10 @@ def bench_peer(config) -> list:
       for y in order:
         if (y == 'torch' and (skipped or cfgs[s].model.arch != 'decoder')):
           continue
-        res = run_child(y, cfgs[s], steps)
+        base, _, variant = y.partition('+')
+        env = ({'XLA_FLAGS': f"{os.environ.get('XLA_FLAGS', '')} {variants[variant]}".strip()}
+               if variant else None)
+        res = run_child(base, cfgs[s], steps, env)
         runs[s, y].append(res)
         print(f'bench peer: round {rnd} {s} {y}: ' + (res.get('error') or
               f"{res['block_s']:.4f} s/step, peak RSS {res['peak_rss_gb']} GB"),
