@@ -27,7 +27,7 @@ def test_bench_peer_prints_rows_and_a_summary():
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   r = subprocess.run([sys.executable, '-m', 'ccf_jax.bench', 'peer', '--config=experiments/tiny.py',
                       '--peer_shapes=config', '--peer_rounds=1', '--steps=1', *SMALL,
-                      '--peer_xla=nofast=--xla_cpu_enable_fast_math=false'], cwd=ROOT,
+                      '--peer_variant=v=--xla_cpu_enable_fast_math=false --config.model.scan_layers=False'], cwd=ROOT,
                      env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
@@ -38,9 +38,9 @@ def test_bench_peer_prints_rows_and_a_summary():
   assert jx['cpu_s'] > 0
   summary = by['peer_summary', None]
   assert summary['ccf_jax']['tokens_per_s'] == jx['tokens_per_s']
-  variant = by['peer', 'ccf_jax+nofast']  # The same step in its own child, XLA_FLAGS appended.
+  variant = by['peer', 'ccf_jax+v']  # Unrolled layers, XLA_FLAGS appended, in its own child.
   assert variant['params'] == jx['params'] and variant['tokens_per_s'] > 0
-  assert summary['ccf_jax+nofast']['speedup_vs_ccf_jax'] == round(jx['step_s'] / variant['step_s'], 3)
+  assert summary['ccf_jax+v']['speedup_vs_ccf_jax'] == round(jx['step_s'] / variant['step_s'], 3)
   pt = by['peer', 'torch']
   if importlib.util.find_spec('torch') and importlib.util.find_spec('transformers'):
     assert pt['params'] == jx['params'] and summary['ratio_tokens_per_s'] > 0
@@ -75,8 +75,18 @@ def test_summary_ratio_is_ccf_jax_over_torch_tokens_per_s():
   assert s['ratio_peak_rss'] == 2.0 and s['ratio_cpu_s'] == 0.5
 
 
-def test_xla_variants_parse_and_refuse_malformed_entries():
-  assert peer.xla_variants(['a=--x=1 --y=2', 'b_2= --z=3']) == {'a': '--x=1 --y=2', 'b_2': '--z=3'}
-  for bad in (['--x=1'], ['a=x=1'], ['a b=--x=1'], ['a=--x=1', 'a=--y=1'], ['a=']):
-    with pytest.raises(config_lib.ConfigError, match='--peer_xla='):
-      peer.xla_variants(bad)
+def test_variants_parse_and_refuse_malformed_entries():
+  got = peer.parse_variants(['a=--xla_x=1 --xla_y=2', 'b_2=--config.model.scan_layers=False '
+                             '--config.train.lr=1e-3 --config.model.attention_impl=xla'])
+  assert got == {'a': ('--xla_x=1 --xla_y=2', {}),
+                 'b_2': ('', {'model.scan_layers': False, 'train.lr': 1e-3,
+                              'model.attention_impl': 'xla'})}
+  for bad in (['--xla_x=1'], ['a=x=1'], ['a b=--xla_x=1'], ['a=--xla_x=1', 'a=--xla_y=1'], ['a='],
+              ['a=--config.scan_layers=False'], ['a=--other=1']):
+    with pytest.raises(config_lib.ConfigError, match='--peer_variant='):
+      peer.parse_variants(bad)
+  from experiments import tiny
+  base = tiny.get_config()
+  assert peer.variant_config(base, {'model.scan_layers': False}).model.scan_layers is False
+  with pytest.raises(config_lib.ConfigError, match='no such field'):
+    peer.variant_config(base, {'model.scan_layer': False})

@@ -36,6 +36,7 @@ how a test times a shrunk model):
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -76,10 +77,11 @@ _SHAPES = flags.DEFINE_list('peer_shapes', 'S1,S2,S3,CCF8x', f'bench peer: shape
 _ROUNDS = flags.DEFINE_integer('peer_rounds', 2, 'bench peer: alternating rounds (one subprocess '
                                'per system and shape each); step_s is the fastest.', lower_bound=1)
 _SYSTEMS = flags.DEFINE_list('peer_systems', ','.join(SYSTEMS), f'bench peer: of {list(SYSTEMS)}.')
-_XLA = flags.DEFINE_multi_string(
-    'peer_xla', [], "bench peer: an XLA_FLAGS variant of ccf_jax, 'NAME=--flag=v --flag2=v' "
-    '(repeatable), timed as system ccf_jax+NAME in the same alternation, with the flags appended '
-    "to XLA_FLAGS in its child only; the summary gives its tokens/s against ccf_jax's.")
+_VARIANTS = flags.DEFINE_multi_string(
+    'peer_variant', [], "bench peer: a variant of ccf_jax, 'NAME=--xla_flag=v --config.a.b=v ...' "
+    '(repeatable), timed as system ccf_jax+NAME in the same alternation: its --xla* flags are '
+    'appended to XLA_FLAGS in its child only, its --config.* overrides set on each shape; the '
+    "summary gives its speedup against ccf_jax.")
 for _flag, _names in ((_SHAPES, SHAPE_NAMES), (_SYSTEMS, SYSTEMS)):
   flags.register_validator(_flag, lambda v, names=_names: bool(v) and set(v) <= set(names),
                            f'--{_flag.name} takes a non-empty list of {list(_names)}.')
@@ -106,19 +108,48 @@ def shape_config(base, shape: str) -> ml_collections.ConfigDict:
   return cfg
 
 
-def xla_variants(specs) -> dict:
-  """{NAME: flags} from --peer_xla's 'NAME=FLAGS' entries; a malformed one is a ConfigError (one
-  line from the entry point). An XLA flag this jaxlib does not know aborts that child only: its
-  rows carry the error."""
+def parse_variants(specs) -> dict:
+  """{NAME: (xla_flags str, {'section.field': value})} from --peer_variant's 'NAME=ARGS'
+  entries; a malformed one is a ConfigError (one line from the entry point). Values are Python
+  literals where they parse as one ('False', '256'), else strings. An XLA flag this jaxlib does
+  not know aborts that variant's children only: its rows carry the error."""
   out = {}
   for spec in specs:
-    name, sep, fl = spec.partition('=')
-    if not sep or not name.isidentifier() or not fl.strip().startswith('--') or name in out:
+    name, sep, args = spec.partition('=')
+    xla, overrides = [], {}
+    for arg in args.split():
+      key, eq, val = arg.partition('=')
+      if key.startswith('--xla'):
+        xla.append(arg)
+      elif key.startswith('--config.') and eq and key.count('.') == 2:
+        try:
+          overrides[key[len('--config.'):]] = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+          overrides[key[len('--config.'):]] = val
+      else:
+        xla = overrides = None
+        break
+    if not sep or not name.isidentifier() or name in out or xla is None or not (xla or overrides):
       raise config_lib.ConfigError(
-          f"--peer_xla={spec!r} is not 'NAME=--xla_flag=value ...' with a new NAME (letters, "
-          "digits, _). Fix: e.g. --peer_xla='onednn=--xla_cpu_use_onednn=true'.")
-    out[name] = fl.strip()
+          f"--peer_variant={spec!r} is not 'NAME=ARGS' with a new NAME (letters, digits, _) and "
+          "ARGS of --xla* flags and --config.section.field=value overrides. Fix: e.g. "
+          "--peer_variant='onednn=--xla_cpu_use_onednn=true' or "
+          "--peer_variant='unrolled=--config.model.scan_layers=False'.")
+    out[name] = (' '.join(xla), overrides)
   return out
+
+
+def variant_config(cfg, overrides: dict) -> ml_collections.ConfigDict:
+  """An unlocked copy of `cfg` with a variant's 'section.field' overrides (the field must exist:
+  a typo is a ConfigError, not a silently ignored option)."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  for path, value in overrides.items():
+    section, field = path.split('.')
+    if section not in cfg or field not in cfg[section]:
+      raise config_lib.ConfigError(f'--peer_variant override config.{path}: no such field. Fix: '
+                                   'name one that experiments/base.py defines.')
+    cfg[section][field] = value
+  return cfg
 
 
 def peer_available() -> bool:
@@ -285,25 +316,28 @@ def summary_row(shape: str, rows: dict) -> dict:
 def bench_peer(config) -> list:
   """`bench peer`: rows per (shape, system), then one summary per shape (see the module doc)."""
   shapes = list(_SHAPES.value)
-  variants = xla_variants(_XLA.value)
+  variants = parse_variants(_VARIANTS.value)
   systems = [s for s in SYSTEMS if s in _SYSTEMS.value] + [f'ccf_jax+{n}' for n in variants]
   steps, rounds = steps_flag(), _ROUNDS.value
   skipped = None
   if 'torch' in systems and not peer_available():
     skipped = f'torch and transformers are not importable, peer skipped: {SKIP_HINT}'
     print(f'bench peer: {skipped}', file=sys.stderr, flush=True)
-  cfgs = {s: shape_config(config, s) for s in shapes}
+  cfgs, envs = {}, {}
+  for s in shapes:
+    shape_cfg = shape_config(config, s)
+    for y in systems:
+      xla, overrides = variants.get(y.partition('+')[2], ('', {}))
+      cfgs[s, y] = variant_config(shape_cfg, overrides) if overrides else shape_cfg
+      envs[y] = {'XLA_FLAGS': f"{os.environ.get('XLA_FLAGS', '')} {xla}".strip()} if xla else None
   runs = {(s, y): [] for s in shapes for y in systems}
   for rnd in range(rounds):
     for s in shapes:
       order = systems if rnd % 2 == 0 else systems[::-1]
       for y in order:
-        if (y == 'torch' and (skipped or cfgs[s].model.arch != 'decoder')):
+        if (y == 'torch' and (skipped or cfgs[s, y].model.arch != 'decoder')):
           continue
-        base, _, variant = y.partition('+')
-        env = ({'XLA_FLAGS': f"{os.environ.get('XLA_FLAGS', '')} {variants[variant]}".strip()}
-               if variant else None)
-        res = run_child(base, cfgs[s], steps, env)
+        res = run_child(y.partition('+')[0], cfgs[s, y], steps, envs[y])
         runs[s, y].append(res)
         print(f'bench peer: round {rnd} {s} {y}: ' + (res.get('error') or
               f"{res['block_s']:.4f} s/step, peak RSS {res['peak_rss_gb']} GB"),
@@ -312,12 +346,12 @@ def bench_peer(config) -> list:
   for s in shapes:
     rows = {}
     for y in systems:
-      if y == 'torch' and cfgs[s].model.arch != 'decoder':
+      if y == 'torch' and cfgs[s, y].model.arch != 'decoder':
         continue
       if y == 'torch' and skipped:
         rows[y] = {'bench': 'peer', 'shape': s, 'system': y, 'skipped': skipped}
       else:
-        rows[y] = system_row(s, y, cfgs[s], runs[s, y])
+        rows[y] = system_row(s, y, cfgs[s, y], runs[s, y])
       out.append(rows[y])
     summaries.append(summary_row(s, rows))
   return out + summaries
