@@ -489,6 +489,37 @@ def test_two_process_checkpoint_initialises_a_one_process_run(two_runs, tmp_path
   assert first < (fresh + trained) / 2, (first, fresh, trained)
 
 
+# ------------------------------------------------------------------------ _base.sh
+def test_ensure_base_follows_a_chain_of_stages(tmp_path):
+  """launch/_base.sh on staged configs (passkey_4k.py starts from runs/passkey_512/export, the
+  export of passkey_512.py, which starts from runs/local/tiny/export): an existing stage export is
+  taken as it is; a missing one is trained only after its own start is ensured. Stand-in configs in
+  a scratch directory, where the training command fails at once (the stand-ins are not
+  experiments), which stops the chain right where it would train."""
+  exp = tmp_path / 'experiments'
+  exp.mkdir()
+  for name, start in (('a', 'runs/b/export'), ('b', 'runs/local/c/export'), ('c', '')):
+    (exp / f'{name}.py').write_text(textwrap.dedent(f"""\
+        import ml_collections
+        def get_config():
+          return ml_collections.ConfigDict({{'init': {{'params_only': {start!r}}}}})
+        """))
+  (tmp_path / 'runs/local/c/export/params').mkdir(parents=True)
+  env = _env(PATH=os.path.dirname(PY) + os.pathsep + os.environ['PATH'], PYTHONPATH='')
+  script = (f'set -euo pipefail; source {LAUNCH}/_base.sh; ensure_base experiments/$0; '
+            'echo "BASE=$BASE_EXPORT"')
+  r = _run(['bash', '-c', script, 'b.py'], cwd=tmp_path, env=env)
+  assert r.returncode == 0 and r.stdout.endswith('BASE=runs/local/c/export\n'), r.stdout + r.stderr
+  r = _run(['bash', '-c', script, 'a.py'], cwd=tmp_path, env=env)
+  lines = [x for x in r.stdout.splitlines() if x.startswith('[base]')]
+  assert r.returncode != 0 and len(lines) == 2, r.stdout + r.stderr
+  assert 'runs/b/export, which is missing: training experiments/b.py -> runs/b' in lines[0]
+  assert 'experiments/b.py starts from runs/local/c/export (exists' in lines[1]
+  (tmp_path / 'runs/b/export/params').mkdir(parents=True)
+  r = _run(['bash', '-c', script, 'a.py'], cwd=tmp_path, env=env)
+  assert r.returncode == 0 and r.stdout.endswith('BASE=runs/b/export\n'), r.stdout + r.stderr
+
+
 # ------------------------------------------------------------------------ _base.sh (slow)
 @pytest.mark.slow
 def test_ensure_base_trains_a_missing_base_once(tmp_path):
