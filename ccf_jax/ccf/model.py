@@ -42,7 +42,7 @@ from ccf_jax.model import spans
 from ccf_jax.model import decoder as model_lib
 from ccf_jax.core import sharding
 from ccf_jax.ccf import masks
-from ccf_jax.model.layers import DTYPES
+from ccf_jax.model.layers import DTYPES, dense
 
 
 class Memory(NamedTuple):
@@ -99,8 +99,7 @@ class LoRA(nnx.Module):
 
 def lora_delta(h, a, b, scale: float):
   """h [B, L, d] -> [B, L, heads, head_dim]: the additive LoRA term of one layer."""
-  low = jnp.einsum('bld,dr->blr', h, a.astype(h.dtype))
-  return jnp.einsum('blr,rkh->blkh', low, b.astype(h.dtype)) * scale
+  return dense(dense(h, a.astype(h.dtype)), b.astype(h.dtype)) * scale
 
 
 def lora_scale(ccf_cfg) -> float:

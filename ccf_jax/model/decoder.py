@@ -23,7 +23,7 @@ from flax import nnx
 
 from ccf_jax.core import config_lib, sharding
 from ccf_jax.model import spans
-from ccf_jax.model.layers import DTYPES, Block, RMSNorm
+from ccf_jax.model.layers import DTYPES, Block, RMSNorm, dense
 
 REMAT_POLICIES = {  # The names config_lib.REMAT_POLICIES validates.
     'none': None,
@@ -54,7 +54,7 @@ def head_matmul(x, w):
   a large vocabulary would round the loss. Autodiff of a float32-output product would run both
   backward matmuls in float32 on upcast operands (the largest matmuls of a small model); here the
   cotangent is cast to the operands' dtype first, so they run at bfloat16 cost too."""
-  return jnp.einsum('bld,dv->blv', x, w, preferred_element_type=jnp.float32)
+  return dense(x, w, preferred_element_type=jnp.float32)
 
 
 def _head_fwd(x, w):
@@ -64,8 +64,10 @@ def _head_fwd(x, w):
 def _head_bwd(res, g):
   x, w = res
   g = g.astype(x.dtype)
-  dx = jnp.einsum('blv,dv->bld', g, w)
-  dw = jnp.einsum('bld,blv->dv', x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+  rows = lambda a: a.reshape(-1, a.shape[-1])  # 2-D products, as `dense` runs them (its doc).
+  dx = jax.lax.dot_general(rows(g), w, (((1,), (1,)), ((), ()))).reshape(x.shape)
+  dw = jax.lax.dot_general(rows(x), rows(g), (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32).astype(w.dtype)
   return dx, dw
 
 
