@@ -27,8 +27,8 @@ def dense(x, w, n: int = 1, **kw):
   reshaped back: 'bld,dm->blm' and 'blhk,hkd->bld' without their batch-like axes. The same
   FLOPs, but autodiff's weight gradient is then a 2-D product contracting one axis, where the
   einsum's contracted (batch, length) together and XLA:CPU copied the activations into another
-  layout first (the SwiGLU block's forward and backward ran 1.4-2x faster flattened on 2 CPU cores;
-  WORKSPACE "Train-step throughput"). Keyword arguments go to `jnp.matmul`
+  layout first (the whole train step ran up to 1.2x faster on 2 CPU cores; WORKSPACE
+  "Train-step throughput"). Keyword arguments go to `jnp.matmul`
   (e.g. preferred_element_type)."""
   lead, k = x.shape[:x.ndim - n], math.prod(x.shape[x.ndim - n:])
   y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), **kw)
