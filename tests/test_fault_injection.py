@@ -171,6 +171,18 @@ def small_fs(path, size='16m'):
       os.chmod(path, 0o755)
 
 
+def remount_read_only(path):
+  """`mount -o remount,ro`, retried while the run holds a file there open for writing (the next
+  save already under way: "mount point is busy"); that save or a later one then meets the fault."""
+  t0 = time.time()
+  while True:
+    r = subprocess.run(['mount', '-o', 'remount,ro', str(path)], capture_output=True, text=True)
+    if r.returncode == 0:
+      return
+    assert 'busy' in r.stderr and time.time() - t0 < 60, r.stderr
+    time.sleep(0.01)
+
+
 def fill(path, leave: int):
   """Writes a file into `path` until about `leave` bytes stay free there."""
   with open(os.path.join(path, 'filler'), 'wb', buffering=0) as f:
@@ -212,7 +224,7 @@ def test_storage_faults_mid_run_are_one_line_and_keep_the_earlier_checkpoint(tmp
           continue
         del pending[name]
         if name == 'ro' and ro_mounted:
-          subprocess.run(['mount', '-o', 'remount,ro', str(ro / 'checkpoints')], check=True)
+          remount_read_only(ro / 'checkpoints')
         elif name == 'ro':
           os.chmod(ro / 'checkpoints', 0o555)
         elif full_mounted:
