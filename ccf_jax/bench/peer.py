@@ -24,6 +24,12 @@ less than wall time does (threads that spin while waiting for a core count in it
 formula serves both systems (`core/flops.py` decoder_train_flops); the CCF rows use their arch's
 own count and have no peer.
 
+Variants (`--peer_variant='NAME=ARGS'`, repeatable): ccf_jax again as system ccf_jax+NAME, in the
+same alternation, with ARGS' `--xla*` flags appended to its child's XLA_FLAGS and its
+`--config.section.field=value` overrides set on each shape; the summary gives each variant's
+speedup over ccf_jax (fastest blocks, and the median of per-round ratios). This is how XLA:CPU
+options and `model.scan_layers` were measured (WORKSPACE "Train-step throughput").
+
 Shapes (on top of --config; `config` is --config itself with its --config.* overrides, which is
 how a test times a shrunk model):
   S1      d 128, 4 layers, 4 heads, mlp 512, vocab 2048, seq 512, batch 8
