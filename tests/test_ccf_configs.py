@@ -35,6 +35,8 @@ def counts(cfg):
     ('passkey_4k', 1_340_672, 0),  # tiny_ccf's model at T=32.
     ('passkey_16k', 1_340_672, 0),  # The same model at T=128.
     ('passkey_4k_32x', 1_339_136, 0),  # c=4, as tiny_ccf_32x.
+    ('passkey_512', 1_340_672, 0),  # passkey_4k's first stage, T=4.
+    ('passkey_512_32x', 1_339_136, 0),
 ])
 def test_tiny_configs(name, trainable, frozen):
   cfg = importlib.import_module(f'experiments.{name}').get_config()
@@ -47,6 +49,20 @@ def test_tiny_configs(name, trainable, frozen):
     config_lib.validate(cfg, 1)
     assert counts(cfg) == (1_311_872, 0)
     assert arch_lib.get_arch(cfg).train_flops(cfg, 8) > 0
+
+
+@pytest.mark.parametrize('name', ['passkey_4k', 'passkey_4k_32x', 'passkey_16k'])
+def test_staged_configs_start_from_a_stage_of_the_same_model(name):
+  """A stage's `init.params_only` (runs/<stage>/export, trained by launch/_base.sh from
+  experiments/<stage>.py) holds parameters of that stage's model: it must be this config's model,
+  memory tokens included, or the import fails on the shapes."""
+  cfg = importlib.import_module(f'experiments.{name}').get_config()
+  stage = cfg.init.params_only.split('/')[1]
+  prev = importlib.import_module(f'experiments.{stage}').get_config()
+  shapes = lambda c: jax.tree.map(lambda a: a.shape, model_lib.abstract_params(
+      arch_lib.get_arch(c).module_config(c), arch_lib.get_arch(c).module_cls))
+  assert shapes(prev) == shapes(cfg)
+  assert (prev.ccf.num_memory, prev.ccf.segment_len) == (cfg.ccf.num_memory, cfg.ccf.segment_len)
 
 
 SMOLLM2_135M = 134_515_008  # SmolLM2-135M's parameter count (tied embeddings).
