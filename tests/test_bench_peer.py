@@ -27,7 +27,8 @@ def test_bench_peer_prints_rows_and_a_summary():
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   r = subprocess.run([sys.executable, '-m', 'ccf_jax.bench', 'peer', '--config=experiments/tiny.py',
                       '--peer_shapes=config', '--peer_rounds=1', '--steps=1', *SMALL,
-                      '--peer_variant=v=--xla_cpu_enable_fast_math=false --config.model.scan_layers=False'], cwd=ROOT,
+                      '--peer_variant=v=--xla_cpu_enable_fast_math=false '
+                      '--config.model.scan_layers=True'], cwd=ROOT,
                      env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
@@ -38,7 +39,7 @@ def test_bench_peer_prints_rows_and_a_summary():
   assert jx['cpu_s'] > 0
   summary = by['peer_summary', None]
   assert summary['ccf_jax']['tokens_per_s'] == jx['tokens_per_s']
-  variant = by['peer', 'ccf_jax+v']  # Unrolled layers, XLA_FLAGS appended, in its own child.
+  variant = by['peer', 'ccf_jax+v']  # Scanned layers, XLA_FLAGS appended, in its own child.
   assert variant['params'] == jx['params'] and variant['tokens_per_s'] > 0
   assert summary['ccf_jax+v']['speedup_vs_ccf_jax'] == round(jx['step_s'] / variant['step_s'], 3)
   pt = by['peer', 'torch']
@@ -87,6 +88,7 @@ def test_variants_parse_and_refuse_malformed_entries():
       peer.parse_variants(bad)
   from experiments import tiny
   base = tiny.get_config()
-  assert peer.variant_config(base, {'model.scan_layers': False}).model.scan_layers is False
+  assert base.model.scan_layers is False  # tiny.py's own; the variant sets the other value.
+  assert peer.variant_config(base, {'model.scan_layers': True}).model.scan_layers is True
   with pytest.raises(config_lib.ConfigError, match='no such field'):
     peer.variant_config(base, {'model.scan_layer': False})
