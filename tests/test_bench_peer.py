@@ -42,13 +42,16 @@ def test_bench_peer_prints_rows_and_a_summary():
   variant = by['peer', 'ccf_jax+v']  # Scanned layers, XLA_FLAGS appended, in its own child.
   assert variant['params'] == jx['params'] and variant['tokens_per_s'] > 0
   assert summary['ccf_jax+v']['speedup_vs_ccf_jax'] == round(jx['step_s'] / variant['step_s'], 3)
+  plain = by['peer', 'jax_plain']  # Always run: it needs nothing but JAX.
+  assert plain['params'] == jx['params'] and plain['peak_rss_gb'] > 0.05
+  assert summary['vs_jax_plain']['ratio_tokens_per_s'] == round(plain['step_s'] / jx['step_s'], 3)
   pt = by['peer', 'torch']
   if importlib.util.find_spec('torch') and importlib.util.find_spec('transformers'):
-    assert pt['params'] == jx['params'] and summary['ratio_tokens_per_s'] > 0
+    assert pt['params'] == jx['params'] and summary['vs_torch']['ratio_tokens_per_s'] > 0
   else:
     assert 'pip install -r requirements-peer.txt' in pt['skipped']
     assert 'peer skipped: pip install -r requirements-peer.txt' in r.stderr
-    assert summary['peer'] == pt['skipped']
+    assert summary['vs_torch'] == pt['skipped']
 
 
 def test_shapes_are_the_issue_shapes_on_the_config():
@@ -70,10 +73,44 @@ def test_summary_ratio_is_ccf_jax_over_torch_tokens_per_s():
         'peak_rss_gb': 2.0, 'cpu_s': 2.0}
   pt = {'step_s': 0.5, 'block_s': [0.5, 1.5], 'tokens_per_s': 16.0, 'model_gflops_per_s': 2.0,
         'peak_rss_gb': 1.0, 'cpu_s': 1.0}
-  s = peer.summary_row('S1', {'ccf_jax': jx, 'torch': pt})
+  s = peer.summary_row('S1', {'ccf_jax': jx, 'torch': pt})['vs_torch']
   assert s['ratio_tokens_per_s'] == 0.5  # ccf_jax half as fast.
   assert s['ratio_paired_median'] == 0.625  # Per round: 0.5, 0.75.
   assert s['ratio_peak_rss'] == 2.0 and s['ratio_cpu_s'] == 0.5
+  assert peer.summary_row('CCF8x', {'ccf_jax': jx})['vs_jax_plain'].startswith('none')
+
+
+def test_plain_jax_peer_is_the_same_model_and_loss():
+  """The plain-JAX peer on ccf_jax's own parameters: the same loss and gradients as ccf_jax's
+  decoder (so the two time the same computation), tied and untied heads, grouped kv heads."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from experiments import tiny
+  from ccf_jax.bench import plain_jax
+  from ccf_jax.model import arch, decoder
+  for tie in (False, True):
+    cfg = tiny.get_config()
+    for a in SMALL:
+      section, field, value = a[len('--config.'):].replace('=', '.').split('.')
+      cfg[section][field] = type(cfg[section][field])(value)
+    cfg.model.tie_embeddings = tie
+    params = decoder.init_params(cfg.model, 0)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 32)), jnp.int32)
+    batch = {'tokens': tokens, 'loss_mask': jnp.ones((2, 32))}
+
+    def ccf(p):
+      loss_sum, n, _ = arch.decoder_loss(cfg, p, batch, None)
+      return loss_sum / n
+
+    want, g_want = jax.value_and_grad(ccf)(params)
+    mapped = lambda p: plain_jax.from_ccf_jax(cfg.model, p)
+    got, g_got = jax.value_and_grad(lambda p: plain_jax.loss_fn(cfg.model, mapped(p), tokens))(
+        params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), g_got, g_want)
+    own = plain_jax.init(cfg.model, jax.random.key(0))
+    assert jax.tree.map(jnp.shape, mapped(params)) == jax.tree.map(jnp.shape, own)
 
 
 def test_variants_parse_and_refuse_malformed_entries():

@@ -1,28 +1,29 @@
 """`python -m ccf_jax.bench peer --config=experiments/tiny.py [--peer_shapes=S1,S2,S3,CCF8x]
-[--peer_rounds=2] [--steps=N]`: ccf_jax's train step against PyTorch + transformers on the same
-Llama shapes.
+[--peer_rounds=2] [--steps=N] [--peer_systems=ccf_jax,torch,jax_plain]`: ccf_jax's train step
+against two peers on the same Llama shapes.
 
 Why: a tokens/s figure of ccf_jax alone says nothing about whether the step is slow for the
-machine; the same model trained by a mainstream stack in the same run does. The peer is
-transformers' `LlamaForCausalLM` (attn_implementation='sdpa': its fused causal attention) with
-torch.optim.AdamW and clip_grad_norm_, in float32, on random tokens: the same model, loss and
-update as ccf_jax's plain decoder (ccf_jax's learning-rate schedule is a scalar per step, left out
-of the peer). torch and transformers are optional (requirements-peer.txt, never a dependency of
-the library or the tests): without them the ccf_jax rows are printed and the peer is reported
-skipped.
+machine; the same model trained by other code in the same run does. The peers:
+  torch      transformers' `LlamaForCausalLM` (attn_implementation='sdpa': its fused causal
+             attention) with torch.optim.AdamW and clip_grad_norm_: a mainstream stack. torch and
+             transformers are optional (requirements-peer.txt, never a dependency of the library or
+             the tests): without them its rows say skipped, with the command that installs them.
+  jax_plain  `plain_jax.py`: the same step written directly in jnp in ~100 lines (dense causal
+             softmax, unrolled layers, optax), on the same JAX: what ccf_jax's layers cost.
+Both run in float32 on random tokens, the same model, loss and update as ccf_jax's plain decoder
+(ccf_jax's learning-rate schedule is a scalar per step, left out of the peers).
 
 How: each (shape, system) runs in its own subprocess, so that the peak RSS (`ru_maxrss` of that
-child, from os.wait4) is one system's alone and neither inherits the other's allocator or thread
-pools. ccf_jax's child is the real jitted train step (`train/timing.py` TrainTimer: state donated,
-AdamW with clipping as the config sets it). Both children take one warm-up step and then time one
-block of `--steps` steps. Rounds alternate the order of the systems (ccf_jax first in even rounds,
-torch first in odd ones), so a change in the load of a shared machine lands on both; step_s is the
-fastest block over rounds (`timeit`'s rule: other load only ever adds time), and the summary also
-gives the median over rounds of the per-round ratio. cpu_s is the child's CPU seconds (all its
-threads) per timed step: the work a step costs, which on a machine shared with other jobs moves
-less than wall time does (threads that spin while waiting for a core count in it too). One FLOP
-formula serves both systems (`core/flops.py` decoder_train_flops); the CCF rows use their arch's
-own count and have no peer.
+child, from os.wait4) is one system's alone and none inherits another's allocator or thread pools.
+ccf_jax's child is the real jitted train step (`train/timing.py` TrainTimer: state donated, AdamW
+with clipping as the config sets it). Every child takes one warm-up step and then times one block
+of `--steps` steps. Rounds alternate the order of the systems (reversed in odd rounds), so a change
+in the load of a shared machine lands on all; step_s is the fastest block over rounds (`timeit`'s
+rule: other load only ever adds time), and the summary's `vs_<peer>` also gives the median over
+rounds of the per-round ratio. cpu_s is the child's CPU seconds (all its threads) per timed step:
+the work a step costs, which on a machine shared with other jobs moves less than wall time does
+(threads that spin while waiting for a core count in it too). One FLOP formula serves every system
+(`core/flops.py` decoder_train_flops); the CCF rows use their arch's own count and have no peer.
 
 Variants (`--peer_variant='NAME=ARGS'`, repeatable): ccf_jax again as system ccf_jax+NAME, in the
 same alternation, with ARGS' `--xla*` flags appended to its child's XLA_FLAGS and its
@@ -51,17 +52,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import ml_collections
 from absl import flags
 
-from ccf_jax.bench import steps_flag
+from ccf_jax.bench import peer_child, steps_flag
 from ccf_jax.core import config_lib
 from ccf_jax.core import flops as flops_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SYSTEMS = ('ccf_jax', 'torch')
+SYSTEMS = tuple(peer_child.SYSTEMS)  # ccf_jax, torch, jax_plain.
+PEERS = ('torch', 'jax_plain')  # Decoder shapes only: neither has a CCF counterpart.
 SKIP_HINT = 'pip install -r requirements-peer.txt'
 
 SHAPES = {  # name -> {'model': overrides, 'data': overrides}, applied on top of --config.
@@ -173,74 +174,7 @@ def train_flops(cfg) -> tuple[float, str]:
   return registry.get_arch(cfg).train_flops(cfg, b), f'{cfg.model.arch}.train_flops'
 
 
-# ---------------------------------------------------------------- children (one system each)
-
-
-def _child_ccf_jax(cfg, steps: int) -> dict:
-  import jax
-  from ccf_jax.train import timing
-  timer = timing.TrainTimer(cfg)  # Compiles and takes the warm-up step.
-  c0 = time.process_time()
-  block = timer.block(steps)
-  cpu = (time.process_time() - c0) / steps
-  rec = timer.record(block)
-  return {'block_s': block, 'cpu_s': cpu, 'params': timer.params, 'compile_s': rec['compile_s'],
-          'temp_bytes': rec.get('temp_bytes'), 'version': f'jax {jax.__version__}'}
-
-
-def _child_torch(cfg, steps: int) -> dict:
-  import torch
-  import transformers
-  from transformers import LlamaConfig, LlamaForCausalLM
-  m, t = cfg.model, cfg.train
-  torch.manual_seed(0)
-  llama = LlamaConfig(
-      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.mlp_dim,
-      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-      num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim, hidden_act='silu',
-      max_position_embeddings=max(m.max_position, cfg.data.seq_len), rms_norm_eps=m.norm_eps,
-      rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std,
-      use_cache=False, attn_implementation='sdpa')
-  t0 = time.time()
-  model = LlamaForCausalLM(llama).to(torch.float32).train()
-  params = list(model.parameters())
-  decay = [p for p in params if p.ndim >= 2]  # As ccf_jax's decay mask: no decay on norm scales.
-  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': t.weight_decay},
-                           {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0}],
-                          lr=t.lr, betas=(t.b1, t.b2), eps=t.eps)
-  gen = torch.Generator().manual_seed(0)
-  tokens = torch.randint(0, m.vocab_size, (cfg.data.batch_size, cfg.data.seq_len), generator=gen)
-
-  def step():
-    opt.zero_grad(set_to_none=True)
-    loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
-    loss.backward()
-    if t.clip_norm > 0:
-      torch.nn.utils.clip_grad_norm_(params, t.clip_norm)
-    opt.step()
-    return loss
-
-  step().item()  # Warm-up.
-  setup_s = time.time() - t0
-  t0, c0 = time.time(), time.process_time()
-  for _ in range(steps):
-    loss = step()
-  loss.item()
-  block, cpu = (time.time() - t0) / steps, (time.process_time() - c0) / steps
-  return {'block_s': block, 'cpu_s': cpu, 'params': sum(p.numel() for p in params),
-          'compile_s': round(setup_s, 2), 'threads': torch.get_num_threads(),
-          'version': f'torch {torch.__version__}, transformers {transformers.__version__}'}
-
-
-def child_main(spec_path: str, out_path: str) -> None:
-  """Entry point of a child process: runs one system on one shape, writes its JSON result."""
-  with open(spec_path, 'rb') as f:
-    spec = pickle.load(f)
-  cfg = ml_collections.ConfigDict(spec['config'])
-  fn = {'ccf_jax': _child_ccf_jax, 'torch': _child_torch}[spec['system']]
-  res = fn(cfg, spec['steps'])
-  with open(out_path, 'w') as f:
-    json.dump(res, f)
+# ---------------------------------------------------------------- children
 
 
 def run_child(system: str, cfg, steps: int, env: dict | None = None) -> dict:
@@ -250,7 +184,7 @@ def run_child(system: str, cfg, steps: int, env: dict | None = None) -> dict:
     spec, out, log = (os.path.join(d, n) for n in ('spec.pkl', 'out.json', 'log.txt'))
     with open(spec, 'wb') as f:
       pickle.dump({'system': system, 'config': cfg.to_dict(), 'steps': steps}, f)
-    code = 'import sys; from ccf_jax.bench import peer; peer.child_main(sys.argv[1], sys.argv[2])'
+    code = 'import sys; from ccf_jax.bench import peer_child; peer_child.main(*sys.argv[1:])'
     with open(log, 'w') as logf:
       p = subprocess.Popen([sys.executable, '-c', code, spec, out], cwd=ROOT, stdout=logf,
                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -292,30 +226,38 @@ def system_row(shape: str, system: str, cfg, runs: list) -> dict:
   return row
 
 
+def _ratios(jx: dict, peer_row: dict) -> dict:
+  """ccf_jax against one peer: tokens/s of the fastest blocks, the median over rounds of the
+  per-round ratio, peak RSS and CPU seconds (above 1: ccf_jax faster; RSS above 1: larger)."""
+  paired = [b / a for a, b in zip(jx['block_s'], peer_row['block_s']) if a and b]
+  return {'ratio_tokens_per_s': round(peer_row['step_s'] / jx['step_s'], 3),
+          'ratio_paired_median': round(statistics.median(paired), 3) if paired else None,
+          'ratio_peak_rss': round(jx['peak_rss_gb'] / peer_row['peak_rss_gb'], 3),
+          'ratio_cpu_s': round(peer_row['cpu_s'] / jx['cpu_s'], 3)}
+
+
 def summary_row(shape: str, rows: dict) -> dict:
-  """The per-shape line: each system's tokens/s and peak RSS, and ccf_jax / torch (tokens/s of
-  the fastest blocks, and the median over rounds of the per-round ratio)."""
+  """The per-shape line: each system's tokens/s and peak RSS, and for each peer `vs_<peer>`:
+  ccf_jax's ratios against it (`_ratios`), or why there is none."""
   out = {'bench': 'peer_summary', 'shape': shape}
   for name, r in rows.items():
     keys = [k for k in ('skipped', 'error') if k in r] or [
         'tokens_per_s', 'step_s', 'model_gflops_per_s', 'peak_rss_gb', 'cpu_s']
     out[name] = {k: r[k] for k in keys}
-  jx, pt = rows.get('ccf_jax', {}), rows.get('torch', {})
+  jx = rows.get('ccf_jax', {})
   for name, r in rows.items():
     if name.startswith('ccf_jax+') and 'step_s' in r and 'step_s' in jx:
       paired = [a / b for a, b in zip(jx['block_s'], r['block_s']) if a and b]
       out[name].update(speedup_vs_ccf_jax=round(jx['step_s'] / r['step_s'], 3),
                        speedup_paired_median=round(statistics.median(paired), 3))
-  if 'step_s' in jx and 'step_s' in pt:
-    out['ratio_tokens_per_s'] = round(pt['step_s'] / jx['step_s'], 3)
-    paired = [b / a for a, b in zip(jx['block_s'], pt['block_s']) if a and b]
-    out['ratio_paired_median'] = round(statistics.median(paired), 3) if paired else None
-    out['ratio_peak_rss'] = round(jx['peak_rss_gb'] / pt['peak_rss_gb'], 3)
-    out['ratio_cpu_s'] = round(pt['cpu_s'] / jx['cpu_s'], 3)
-  elif shape in CCF_SHAPES:
-    out['peer'] = 'none: CCF has no torch counterpart'
-  else:
-    out['peer'] = pt.get('skipped') or pt.get('error') or 'not run'
+  for name in PEERS:
+    pr = rows.get(name, {})
+    if 'step_s' in jx and 'step_s' in pr:
+      out[f'vs_{name}'] = _ratios(jx, pr)
+    elif shape in CCF_SHAPES:
+      out[f'vs_{name}'] = 'none: CCF has no counterpart in the peer'
+    else:
+      out[f'vs_{name}'] = pr.get('skipped') or pr.get('error') or 'not run'
   return out
 
 
@@ -341,7 +283,7 @@ def bench_peer(config) -> list:
     for s in shapes:
       order = systems if rnd % 2 == 0 else systems[::-1]
       for y in order:
-        if (y == 'torch' and (skipped or cfgs[s, y].model.arch != 'decoder')):
+        if y in PEERS and ((y == 'torch' and skipped) or cfgs[s, y].model.arch != 'decoder'):
           continue
         res = run_child(y.partition('+')[0], cfgs[s, y], steps, envs[y])
         runs[s, y].append(res)
@@ -352,7 +294,7 @@ def bench_peer(config) -> list:
   for s in shapes:
     rows = {}
     for y in systems:
-      if y == 'torch' and cfgs[s, y].model.arch != 'decoder':
+      if y in PEERS and cfgs[s, y].model.arch != 'decoder':
         continue
       if y == 'torch' and skipped:
         rows[y] = {'bench': 'peer', 'shape': s, 'system': y, 'skipped': skipped}
