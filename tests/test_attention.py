@@ -328,3 +328,27 @@ def test_the_configured_kernel_is_the_one_traced(impl):
     cfg.model.attention_impl = other
     other_loops = traced_kernels(cfg)[1].count('stablehlo.while')
     assert (loops > other_loops) == (impl == 'blocked')
+
+
+def test_bench_attention_times_each_kernel_against_the_dense_reference():
+  """`bench attention` on a shrunk model: one row per implementation, each checked against
+  dense_attend (a kernel that drifted from the reference would show a large error here)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  small = ['--config.model.num_heads=4', '--config.model.num_kv_heads=2',
+           '--config.model.head_dim=8', '--config.data.seq_len=64', '--config.data.batch_size=2',
+           '--config.model.attention_block=16']
+  r = subprocess.run([sys.executable, '-m', 'ccf_jax.bench', 'attention',
+                      '--config=experiments/tiny.py', '--attention_shapes=config', '--steps=1',
+                      '--attention_rounds=2', *small], cwd=root, capture_output=True, text=True,
+                     env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = {x['impl']: x for x in map(json.loads, r.stdout.splitlines())}
+  assert set(rows) == {'xla', 'blocked'}
+  for row in rows.values():
+    assert row['q'] == [2, 64, 4, 8] and row['kv'] == [2, 64, 2, 8] and row['block'] == 16
+    assert row['max_rel_err_vs_dense'] < 1e-4 and len(row['round_ms']) == 2 and row['ms'] > 0
+  assert rows['xla']['speedup_vs_xla'] == 1.0

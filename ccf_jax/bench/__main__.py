@@ -18,6 +18,8 @@ Subcommands (one module each; a subcommand's own flags are defined by its module
   peer        the train step against PyTorch + transformers on the same shapes (`bench/peer.py`).
   profile     the train step's time per operation, by kind and by model component, from a
               jax.profiler trace (`bench/profile.py`).
+  attention   one layer's attention, forward and backward, per model.attention_impl, at bench
+              peer's shapes, checked against the dense reference (`bench/attention.py`).
   device_check  one JSON report of an accelerator: attention errors, ~1B train steps with MFU,
               CCF against full attention, prefill and decode (`bench/device_check.py`;
               `launch/device_check.sh`).
@@ -54,6 +56,7 @@ SUBCOMMANDS = {
     'efficiency': 'ccf_jax.eval.efficiency:bench_efficiency',
     'peer': 'ccf_jax.bench.peer:bench_peer',
     'profile': 'ccf_jax.bench.profile:bench_profile',
+    'attention': 'ccf_jax.bench.attention:bench_attention',
     'device_check': 'ccf_jax.bench.device_check:device_check',
 }
 

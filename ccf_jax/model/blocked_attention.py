@@ -17,9 +17,7 @@ otherwise copies an operand (or the [bq, bk] scores) into the other layout at ev
 once per call, keys both as [bk, D] and as [D, bk] blocks; the forward computes q k^T from k^T
 blocks; the backward works on the transposed scores s^T = k q^T ([bk, G*bq]), which makes dV =
 p^T dO, dK = ds^T q and dQ^T = k^T ds^T all untransposed products, and dQ is accumulated as
-[D, G*bq] and transposed once at the end. Against the same kernel with [bk, D] key blocks only
-(fwd + bwd of one layer, the attention microbenchmark in WORKSPACE): 0.74x the time at S2's
-shape, 0.85x at S1's.
+[D, G*bq] and transposed once at the end (`python -m ccf_jax.bench attention` times it).
 
 Masks are never [B, Lq, Lk]: from an `attention.Spans` descriptor (key ranges per query and flags
 per key) each block's [B, bq, bk] mask is computed when the block is visited, and a [nq, nk] table
