@@ -278,6 +278,11 @@ def test_auto_picks_per_platform_and_warns_once_on_fallback(monkeypatch, caplog)
   big = jnp.zeros((1, 1024, K, D), jnp.float32)
   assert attention.resolve('auto', q32, q32) == attention.cpu_choice(q32, q32)
   assert attention.resolve('auto', big, big) in ('xla', 'blocked')
+  # CPU: the causal mask takes the blocked kernel at any length, small CCF masks the dense one.
+  causal, prefix = spans.causal(8), spans.prefix_causal(jnp.ones((1, 8), bool), 8)
+  assert attention.cpu_choice(q32, q32, causal) == 'blocked'
+  assert attention.cpu_choice(q32, jnp.zeros((1, 16, K, D)), prefix) == 'xla'
+  assert attention.cpu_choice(big, big, prefix) == 'blocked'
   assert attention.resolve('blocked', q32, q32) == 'blocked'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
   assert attention.resolve('auto', q32, q32) == 'splash'
