@@ -357,3 +357,23 @@ def test_bench_attention_times_each_kernel_against_the_dense_reference():
     assert row['q'] == [2, 64, 4, 8] and row['kv'] == [2, 64, 2, 8] and row['block'] == 16
     assert row['max_rel_err_vs_dense'] < 1e-4 and len(row['round_ms']) == 2 and row['ms'] > 0
   assert rows['xla']['speedup_vs_xla'] == 1.0
+
+
+@pytest.mark.parametrize('impl', ['blocked', 'xla'])
+def test_masked_scores_far_above_the_visible_ones_keep_gradients_finite(impl):
+  """Keys a query may not see score 1e4 above those it sees (a diverging run's logits): their
+  exp overflows, and a kernel that masks by multiplying (inf * 0) returns NaN gradients."""
+  length = 32
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, length, H, D)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, length, K, D)), jnp.float32)
+  k = k.at[:, length // 2:].multiply(1e4 / D)  # Late keys: huge scores for the early queries.
+  v = jnp.asarray(rng.normal(size=(1, length, K, D)), jnp.float32)
+  mask = spans.causal(length)
+  loss = lambda f: lambda q, k, v: (f(q, k, v) ** 2).sum()
+  got = jax.grad(loss(lambda q, k, v: attention.attend(q, k, v, mask, impl, 8)), (0, 1, 2))(q, k, v)
+  want = jax.grad(loss(lambda q, k, v: attention.dense_attend(q, k, v, mask.dense(length))),
+                  (0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    assert np.isfinite(np.asarray(g)).all()
+    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-3 * float(jnp.abs(w).max()))

@@ -197,7 +197,8 @@ def _bwd(block, res, dout):
         mT = block_fn(qi, kj).swapaxes(1, 2)[:, None, :, None, :]  # [B, 1, bk, 1, bq]
         # Transposed scores and probabilities [B, K, bk, G, bq] (module doc: no copies).
         sT = jnp.einsum('bksd,bkdgq->bksgq', ks_j, qqT)
-        pT = jnp.exp(sT - lsei[:, :, None]) * mT
+        # where, not a product: a masked score may exceed the row's lse (exp -> inf, inf * 0).
+        pT = jnp.where(mT, jnp.exp(sT - lsei[:, :, None]), 0.0)
         dv = dv + jnp.einsum('bksgq,bkgqd->bksd', pT, doi)
         dsT = pT * (jnp.einsum('bksd,bkdgq->bksgq', vs_j, doiT) - deltai[:, :, None])
         dk = dk + jnp.einsum('bksgq,bkgqd->bksd', dsT, qq)
