@@ -11,14 +11,6 @@ v, the mask descriptor, the output and the per-query log-sum-exp; the backward p
 key blocks, each scanning the query blocks) recomputes each block's probabilities. Transient
 memory is one block of scores.
 
-Layouts: every block product is a plain matrix product of untransposed operands, because XLA:CPU
-otherwise copies an operand (or the [bq, bk] scores) into the other layout at every block visit
-(the kernel's profile showed those copies at a quarter of its time). So q, k and v are laid out
-once per call, keys both as [bk, D] and as [D, bk] blocks; the forward computes q k^T from k^T
-blocks; the backward works on the transposed scores s^T = k q^T ([bk, G*bq]), which makes dV =
-p^T dO, dK = ds^T q and dQ^T = k^T ds^T all untransposed products, and dQ is accumulated as
-[D, G*bq] and transposed once at the end (`python -m ccf_jax.bench attention` times it).
-
 Masks are never [B, Lq, Lk]: from an `attention.Spans` descriptor (key ranges per query and flags
 per key) each block's [B, bq, bk] mask is computed when the block is visited, and a [nq, nk] table
 of the blocks some query may see decides, by `lax.cond`, which blocks run at all, in both passes.
@@ -100,23 +92,21 @@ def _ungroup(a, lq: int):
 
 
 def _split_k(a, nk: int, bk: int):
-  """[B, Lk, K, D] -> ([nk, B, K, bk, D], [nk, B, K, D, bk]) float32, padded to nk * bk keys:
-  the blocks in both layouts the products take (module doc)."""
+  """[B, Lk, K, D] -> [nk, B, bk, K, D] float32, padded to nk * bk keys."""
   b, _, kh, d = a.shape
-  a = _pad_to(a.astype(jnp.float32), 1, nk * bk).reshape(b, nk, bk, kh, d)
-  return a.transpose(1, 0, 3, 2, 4), a.transpose(1, 0, 3, 4, 2)
+  a = _pad_to(a.astype(jnp.float32), 1, nk * bk)
+  return a.reshape(b, nk, bk, kh, d).swapaxes(0, 1)
 
 
 def _scores(qb, kb, mb):
-  """Scores [B, K, G, bq, bk] of one block pair (kb: [B, K, D, bk]), masked entries at the
-  float32 minimum."""
-  s = jnp.einsum('bkgqd,bkds->bkgqs', qb, kb)
+  """Scores [B, K, G, bq, bk] of one block pair, masked entries at the float32 minimum."""
+  s = jnp.einsum('bkgqd,bskd->bkgqs', qb, kb)
   return jnp.where(mb[:, None, None], s, _NEG)
 
 
 def _tiles(q, k, v, mask, block):
-  """What both passes tile: block sizes and counts, the per-block mask source, q (scaled and
-  grouped by kv head), and k and v split into blocks in both layouts (`_split_k`)."""
+  """What both passes tile: block sizes and counts, the per-block mask source, and q (scaled and
+  grouped by kv head), k and v split into blocks."""
   lq, d = q.shape[1], q.shape[3]
   lk, kh = k.shape[1], k.shape[2]
   bq, bk = _sizes(q, k, block)
@@ -128,15 +118,14 @@ def _tiles(q, k, v, mask, block):
 
 def _forward(q, k, v, mask, block):
   b, lq, h, d = q.shape
-  bq, bk, nq, nk, block_fn, visible, qg, (_, kt), (vb, _) = _tiles(q, k, v, mask, block)
-  # Unused layouts are dead code to XLA.
+  bq, bk, nq, nk, block_fn, visible, qg, kb, vb = _tiles(q, k, v, mask, block)
 
   def q_step(_, xs):
     qi, qq, vis_row = xs
     init = (jnp.full(qq.shape[:-1], _NEG), jnp.zeros(qq.shape[:-1]), jnp.zeros(qq.shape))
 
     def k_step(carry, ys):
-      kj, kk, vv, vis = ys  # kk [B, K, D, bk], vv [B, K, bk, D].
+      kj, kk, vv, vis = ys
 
       def visit(carry):
         m_old, l_old, acc = carry
@@ -146,11 +135,11 @@ def _forward(q, k, v, mask, block):
         p = jnp.exp(s - m_new[..., None]) * mb[:, None, None]  # Exactly 0 where masked.
         corr = jnp.exp(m_old - m_new)
         return (m_new, l_old * corr + p.sum(-1),
-                acc * corr[..., None] + jnp.einsum('bkgqs,bksd->bkgqd', p, vv))
+                acc * corr[..., None] + jnp.einsum('bkgqs,bskd->bkgqd', p, vv))
 
       return jax.lax.cond(vis, visit, lambda c: c, carry), None
 
-    (m, l, acc), _ = jax.lax.scan(k_step, init, (jnp.arange(nk), kt, vb, vis_row))
+    (m, l, acc), _ = jax.lax.scan(k_step, init, (jnp.arange(nk), kb, vb, vis_row))
     seen = l > 0  # A query that sees no key returns zeros, as the dense reference does.
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -_NEG)  # exp(s - lse) = 0.
@@ -180,43 +169,35 @@ def _bwd(block, res, dout):
   q, k, v, mask, out_g, lse = res
   b, lq, h, d = q.shape
   lk, kh = k.shape[1], k.shape[2]
-  bq, bk, nq, nk, block_fn, visible, qg, (ks, kt), (vs, _) = _tiles(q, k, v, mask, block)
+  bq, bk, nq, nk, block_fn, visible, qg, kb, vb = _tiles(q, k, v, mask, block)
   do = _group(dout, kh, nq, bq)
   delta = (do * out_g).sum(-1)  # [nq, B, K, G, bq]: the softmax backward's row term.
-  qT = qg.transpose(0, 1, 2, 5, 3, 4)  # [nq, B, K, D, G, bq]: the products' other layout.
-  doT = do.transpose(0, 1, 2, 5, 3, 4)
 
-  def k_step(dqT, xs):
-    kj, ks_j, kt_j, vs_j, vis_col = xs
+  def k_step(dq, xs):
+    kj, kk, vv, vis_col = xs
 
     def q_step(carry, ys):
-      qi, qq, qqT, doi, doiT, lsei, deltai, vis = ys
+      qi, qq, doi, lsei, deltai, vis = ys
 
       def visit(carry):
         dk, dv = carry
-        mT = block_fn(qi, kj).swapaxes(1, 2)[:, None, :, None, :]  # [B, 1, bk, 1, bq]
-        # Transposed scores and probabilities [B, K, bk, G, bq] (module doc: no copies).
-        sT = jnp.einsum('bksd,bkdgq->bksgq', ks_j, qqT)
-        # where, not a product: a masked score may exceed the row's lse (exp -> inf, inf * 0).
-        pT = jnp.where(mT, jnp.exp(sT - lsei[:, :, None]), 0.0)
-        dv = dv + jnp.einsum('bksgq,bkgqd->bksd', pT, doi)
-        dsT = pT * (jnp.einsum('bksd,bkdgq->bksgq', vs_j, doiT) - deltai[:, :, None])
-        dk = dk + jnp.einsum('bksgq,bkgqd->bksd', dsT, qq)
-        return (dk, dv), jnp.einsum('bkds,bksgq->bkdgq', kt_j, dsT)
+        mb = block_fn(qi, kj)
+        p = jnp.exp(_scores(qq, kk, mb) - lsei[..., None]) * mb[:, None, None]
+        dv = dv + jnp.einsum('bkgqs,bkgqd->bskd', p, doi)
+        ds = p * (jnp.einsum('bkgqd,bskd->bkgqs', doi, vv) - deltai[..., None])
+        dk = dk + jnp.einsum('bkgqs,bkgqd->bskd', ds, qq)
+        return (dk, dv), jnp.einsum('bkgqs,bskd->bkgqd', ds, kk)
 
-      skip = lambda carry: (carry, jnp.zeros_like(qqT))
+      skip = lambda carry: (carry, jnp.zeros_like(qq))
       return jax.lax.cond(vis, visit, skip, carry)
 
-    zero = (jnp.zeros_like(ks_j), jnp.zeros_like(ks_j))
-    (dk, dv), dq_col = jax.lax.scan(q_step, zero,
-                                    (jnp.arange(nq), qg, qT, do, doT, lse, delta, vis_col))
-    return dqT + dq_col, (dk, dv)
+    zero = (jnp.zeros_like(kk), jnp.zeros_like(vv))
+    (dk, dv), dq_col = jax.lax.scan(q_step, zero, (jnp.arange(nq), qg, do, lse, delta, vis_col))
+    return dq + dq_col, (dk, dv)
 
-  dqT, (dk, dv) = jax.lax.scan(k_step, jnp.zeros_like(qT),
-                               (jnp.arange(nk), ks, kt, vs, visible.T))
-  unsplit = lambda a, like: a.transpose(1, 0, 3, 2, 4).reshape(b, -1, kh, d)[:, :lk].astype(
-      like.dtype)
-  dq = (_ungroup(dqT.transpose(0, 1, 2, 4, 5, 3), lq) / math.sqrt(d)).astype(q.dtype)
+  dq, (dk, dv) = jax.lax.scan(k_step, jnp.zeros_like(qg), (jnp.arange(nk), kb, vb, visible.T))
+  unsplit = lambda a, like: a.swapaxes(0, 1).reshape(b, -1, kh, d)[:, :lk].astype(like.dtype)
+  dq = (_ungroup(dq, lq) / math.sqrt(d)).astype(q.dtype)
   return dq, unsplit(dk, k), unsplit(dv, v), None
 
 
