@@ -111,6 +111,9 @@ def test_plain_jax_peer_is_the_same_model_and_loss():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), g_got, g_want)
     own = plain_jax.init(cfg.model, jax.random.key(0))
     assert jax.tree.map(jnp.shape, mapped(params)) == jax.tree.map(jnp.shape, own)
+  cfg.model.sliding_window = 16  # A model the plain loop does not write: refused, not mistimed.
+  with pytest.raises(ValueError, match='model.sliding_window is set'):
+    plain_jax.time_steps(cfg, 1)
 
 
 def test_variants_parse_and_refuse_malformed_entries():

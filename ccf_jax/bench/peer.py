@@ -174,7 +174,7 @@ def train_flops(cfg) -> tuple[float, str]:
   return registry.get_arch(cfg).train_flops(cfg, b), f'{cfg.model.arch}.train_flops'
 
 
-# ---------------------------------------------------------------- children
+# ---------------------------------------------------------------- children (peer_child.py)
 
 
 def run_child(system: str, cfg, steps: int, env: dict | None = None) -> dict:

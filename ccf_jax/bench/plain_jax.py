@@ -4,11 +4,11 @@ Why: the torch peer says whether ccf_jax is slow for the machine; this one says 
 layers (logical sharding, NNX modules, the attention switch, the CCF hooks) cost anything over the
 same model written directly in jnp, on the same JAX and XLA. It is deliberately the obvious code:
 [B, L, H*D] projections, `jnp.repeat` for grouped kv heads, a dense causal softmax over the whole
-[B, H, L, L] score array, an unrolled Python loop over layers, optax AdamW with global-norm clipping,
-`jax.jit` with the state donated. Same model, loss and update as ccf_jax's plain decoder; the
-learning-rate schedule is a constant (a scalar per step either way). Weights are its own layout,
-`from_ccf_jax` maps ccf_jax's parameters into it (tests/test_bench_peer.py checks the two losses
-and gradients agree).
+[B, H, L, L] score array, an unrolled Python loop over layers, optax AdamW with global-norm
+clipping, `jax.jit` with the state donated. Same model, loss and update as ccf_jax's plain
+decoder; the learning-rate schedule is a constant (a scalar per step either way). Weights are in
+its own layout; `from_ccf_jax` maps ccf_jax's parameters into it (tests/test_bench_peer.py checks
+the two losses and gradients agree).
 """
 
 from __future__ import annotations
@@ -114,7 +114,13 @@ def make_step(cfg):
 
 
 def time_steps(cfg, steps: int) -> dict:
-  """bench peer's child: compile and warm up, then time one block of `steps` steps."""
+  """bench peer's child: compile and warm up, then time one block of `steps` steps. A model this
+  loop does not write (biases, a sliding window, scaled rotary) is refused, not timed as another."""
+  m = cfg.model
+  extra = [f for f in ('qkv_bias', 'sliding_window', 'rope_scaling') if m.get(f)]
+  if extra:
+    raise ValueError(f'jax_plain writes the plain Llama block only; model.{extra[0]} is set. Fix: '
+                     'leave jax_plain out (--peer_systems=ccf_jax,torch) for this config.')
   init_state, step = make_step(cfg)
   t0 = time.time()
   state = jax.jit(init_state)(jax.random.key(0))

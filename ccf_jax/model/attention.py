@@ -114,9 +114,9 @@ def cpu_choice(q, k, mask=None) -> str:
   """`auto` on CPU: blocked for the causal mask at every length, and for any mask once the score
   rectangle reaches 512 x 512; xla (the dense product) for the CCF masks below that.
 
-  Measured (WORKSPACE "Train-step throughput"): causal, the blocked kernel ran one layer's
-  forward and backward in 0.88x (one 128-token block) to 0.2x the dense product's time (`bench
-  attention`), and tiny.py's whole step (256 tokens) 1.22x faster; CCF8x's step (a 144-row
+  Measured idle (WORKSPACE "The attention kernel alone"): causal, the blocked kernel ran one
+  layer's forward and backward in 0.79x (one 128-token block) to 0.35x the dense product's time
+  (`bench attention`), and tiny.py's whole step (256 tokens) 1.21x faster; CCF8x's step (a 144-row
   encoder over [segment; memory], 128 x 256 decoder windows) was 0.95-0.99x with blocked, where
   the dense product's few, larger matmuls on a mask of mostly visible blocks still win."""
   if isinstance(mask, Spans) and mask.causal:
