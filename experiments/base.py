@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.remat_policy = 'none'  # Per-layer rematerialisation: none | full | dots | dots_no_batch.
   m.scan_layers = True  # Scan over stacked layers (flat compile time); False unrolls (FLOP checks).
   m.attention_impl = 'auto'  # Every attention's kernel: auto | xla | blocked | cudnn | splash
-  # (model/attention.py; auto: cpu -> xla or blocked by size, gpu -> cudnn for bf16, tpu -> splash).
+  # (model/attention.py; auto: cpu -> blocked or xla by mask and size, gpu -> cudnn for bf16,
+  # tpu -> splash).
   m.attention_block = 128  # Query/key rows per block of the blocked and splash kernels.
 
   # ---------------------------------------------------------------- data

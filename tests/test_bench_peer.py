@@ -78,6 +78,8 @@ def test_summary_ratio_is_ccf_jax_over_torch_tokens_per_s():
   assert s['ratio_paired_median'] == 0.625  # Per round: 0.5, 0.75.
   assert s['ratio_peak_rss'] == 2.0 and s['ratio_cpu_s'] == 0.5
   assert peer.summary_row('CCF8x', {'ccf_jax': jx})['vs_jax_plain'].startswith('none')
+  failed = peer.summary_row('S1', {'ccf_jax': {'error': 'exit 1: boom'}, 'torch': pt})
+  assert failed['vs_torch'] == 'ccf_jax failed: exit 1: boom'  # The cause, not 'not run'.
 
 
 def test_plain_jax_peer_is_the_same_model_and_loss():

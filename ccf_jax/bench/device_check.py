@@ -68,7 +68,7 @@ _REPORT = flags.DEFINE_string('report', '', 'device_check: where to write the JS
 GRACE_S = 30.0  # The watchdog's margin after the budget.
 # Attention implementations worth timing per platform, preferred first (`attention.resolve`).
 PLATFORM_IMPLS = {'gpu': ('cudnn', 'blocked', 'xla'), 'tpu': ('splash', 'blocked', 'xla'),
-                  'cpu': ('xla', 'blocked')}  # cpu: `attention.cpu_choice` at tiny shapes.
+                  'cpu': ('xla', 'blocked')}  # cpu: `cpu_choice` for the small CCF masks here.
 TOLERANCE = {'float32': 1e-3, 'bfloat16': 3e-2}  # Max error / largest reference value.
 # Where each stage must end, as a fraction of the budget (cumulative: time a stage leaves unused
 # goes to the next ones, and an overrun comes out of theirs); the other impls get what is left.

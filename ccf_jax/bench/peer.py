@@ -165,8 +165,8 @@ def peer_available() -> bool:
 
 
 def train_flops(cfg) -> tuple[float, str]:
-  """(FLOPs of one step, the formula's name): decoder_train_flops for decoder shapes (both
-  systems), the arch's own count for CCF."""
+  """(FLOPs of one step, the formula's name): decoder_train_flops for decoder shapes (every
+  system), the arch's own count for CCF."""
   b, length = cfg.data.batch_size, config_lib.window_len(cfg)
   if cfg.model.arch == 'decoder':
     return flops_lib.decoder_train_flops(cfg, b, length), 'decoder_train_flops'
@@ -256,6 +256,8 @@ def summary_row(shape: str, rows: dict) -> dict:
       out[f'vs_{name}'] = _ratios(jx, pr)
     elif shape in CCF_SHAPES:
       out[f'vs_{name}'] = 'none: CCF has no counterpart in the peer'
+    elif 'step_s' not in jx and 'error' in jx:
+      out[f'vs_{name}'] = f"ccf_jax failed: {jx['error']}"
     else:
       out[f'vs_{name}'] = pr.get('skipped') or pr.get('error') or 'not run'
   return out

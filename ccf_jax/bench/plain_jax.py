@@ -23,13 +23,15 @@ import optax
 
 
 def init(m, key) -> dict:
-  """Parameters of model config `m` (std `init_std`, ones for norm scales)."""
+  """Parameters of model config `m`: normal with std `init_std` (the residual outputs wo and w_down
+  scaled by 1/sqrt(2 * layers), as ccf_jax's), ones for norm scales."""
   d, h, k, hd, f = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
   keys = iter(jax.random.split(key, 7 * m.num_layers + 2))
-  w = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32) * m.init_std
+  w = lambda *shape, s=1.0: jax.random.normal(next(keys), shape, jnp.float32) * m.init_std * s
+  out = 1.0 / math.sqrt(2 * m.num_layers)
   layers = [dict(attn_norm=jnp.ones(d), wq=w(d, h * hd), wk=w(d, k * hd), wv=w(d, k * hd),
-                 wo=w(h * hd, d), mlp_norm=jnp.ones(d), w_gate=w(d, f), w_up=w(d, f),
-                 w_down=w(f, d)) for _ in range(m.num_layers)]
+                 wo=w(h * hd, d, s=out), mlp_norm=jnp.ones(d), w_gate=w(d, f), w_up=w(d, f),
+                 w_down=w(f, d, s=out)) for _ in range(m.num_layers)]
   p = dict(embed=w(m.vocab_size, d), layers=layers, final_norm=jnp.ones(d))
   if not m.tie_embeddings:
     p['head'] = w(d, m.vocab_size)
