@@ -60,7 +60,7 @@ def test_tiny_plan_fits_and_adds_up(tiny_plan):
   plan_lib.check_fit(r)
   report = plan_lib.format_report(r)
   assert 'per device, analytic' in report and 'temporaries' in report
-  # The kernel the compiled step traced (auto: the CPU's choice at these sizes), and the policy.
+  # The kernel the compiled step traced (auto on CPU: blocked for the causal mask), and the policy.
   # Counted per traced attention: tiny.py unrolls its layers, so each of the 2 is traced (twice).
   assert r['attention'] == {'configured': 'auto', 'traced': {'blocked': 4}}
   assert r['precision'] == {'compute': 'float32', 'trainable': ['float32'],

@@ -12,9 +12,9 @@ For each shape: q [B, L, H, D], k and v [B, L, K, D] of the shape's model (batch
 kv heads, head_dim), the causal mask as `Spans` (what the plain decoder passes), and the gradient
 of sum(out * w) with respect to q, k and v, jitted. Each implementation is compiled, checked
 against `attention.dense_attend` (max abs error of the loss and of the three gradients, relative
-to the largest entry of each), then
-timed in `--attention_rounds` alternating rounds of `--steps` calls; ms is the fastest round's
-mean. One JSON object per (shape, impl), with `speedup_vs_xla` (xla's time over this one's).
+to the largest entry of each), then timed in `--attention_rounds` alternating rounds of `--steps`
+calls; ms is the fastest round's mean. One JSON object per (shape, impl), with `speedup_vs_xla`
+(xla's time over this one's).
 """
 
 from __future__ import annotations

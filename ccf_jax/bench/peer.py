@@ -226,14 +226,15 @@ def system_row(shape: str, system: str, cfg, runs: list) -> dict:
   return row
 
 
-def _ratios(jx: dict, peer_row: dict) -> dict:
-  """ccf_jax against one peer: tokens/s of the fastest blocks, the median over rounds of the
-  per-round ratio, peak RSS and CPU seconds (above 1: ccf_jax faster; RSS above 1: larger)."""
-  paired = [b / a for a, b in zip(jx['block_s'], peer_row['block_s']) if a and b]
-  return {'ratio_tokens_per_s': round(peer_row['step_s'] / jx['step_s'], 3),
+def _ratios(row: dict, other: dict) -> dict:
+  """One system's row against another's (ccf_jax against a peer; a variant against ccf_jax):
+  tokens/s of the fastest blocks, the median over rounds of the per-round ratio, peak RSS and CPU
+  seconds (above 1: `row` faster; RSS above 1: larger)."""
+  paired = [b / a for a, b in zip(row['block_s'], other['block_s']) if a and b]
+  return {'ratio_tokens_per_s': round(other['step_s'] / row['step_s'], 3),
           'ratio_paired_median': round(statistics.median(paired), 3) if paired else None,
-          'ratio_peak_rss': round(jx['peak_rss_gb'] / peer_row['peak_rss_gb'], 3),
-          'ratio_cpu_s': round(peer_row['cpu_s'] / jx['cpu_s'], 3)}
+          'ratio_peak_rss': round(row['peak_rss_gb'] / other['peak_rss_gb'], 3),
+          'ratio_cpu_s': round(other['cpu_s'] / row['cpu_s'], 3)}
 
 
 def summary_row(shape: str, rows: dict) -> dict:
@@ -247,9 +248,9 @@ def summary_row(shape: str, rows: dict) -> dict:
   jx = rows.get('ccf_jax', {})
   for name, r in rows.items():
     if name.startswith('ccf_jax+') and 'step_s' in r and 'step_s' in jx:
-      paired = [a / b for a, b in zip(jx['block_s'], r['block_s']) if a and b]
-      out[name].update(speedup_vs_ccf_jax=round(jx['step_s'] / r['step_s'], 3),
-                       speedup_paired_median=round(statistics.median(paired), 3))
+      speedup = _ratios(r, jx)  # The variant as the system, ccf_jax as its peer.
+      out[name].update(speedup_vs_ccf_jax=speedup['ratio_tokens_per_s'],
+                       speedup_paired_median=speedup['ratio_paired_median'])
   for name in PEERS:
     pr = rows.get(name, {})
     if 'step_s' in jx and 'step_s' in pr:
