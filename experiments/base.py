@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (model/attention.py; auto: cpu -> blocked or xla by mask and size, gpu -> cudnn for bf16,
   # tpu -> splash).
   m.attention_block = 128  # Query/key rows per block of the blocked and splash kernels.
+  m.loss_chunk = 0  # Plain decoder: head + cross-entropy fused over chunks of this many positions
+  # (model/head_loss.py: no whole [B, L, vocab] logits); 0 = whole logits.
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()

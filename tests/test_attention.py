@@ -148,6 +148,31 @@ def test_each_kernel_equals_the_dense_reference(name, impl, block):
       check(part, want, impl, block)
 
 
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_block_kinds_follow_the_dense_mask(name):
+  """The blocked kernel's per-block table, from Spans, against tiles of the dense mask (blocks of
+  5, padded): a block is skipped exactly when no query sees any of its keys, and runs unmasked only
+  when every query sees every key (a union of ranges may cover a block the table still masks)."""
+  from ccf_jax.model.blocked_attention import _mask_source
+  sp, dense = CASES[name]()
+  lq, lk = dense.shape[-2:]
+  nq, nk = -(-lq // 5), -(-lk // 5)
+  tiles = np.asarray(dense).reshape((-1, lq, lk))
+  padded = np.zeros((tiles.shape[0], nq * 5, nk * 5), bool)
+  padded[:, :lq, :lk] = tiles
+  padded = padded.reshape(-1, nq, 5, nk, 5)
+  some, every = padded.any((0, 2, 4)), padded.all((0, 2, 4))
+  kind = np.asarray(_mask_source(sp, lq, lk, 5, 5)[1])
+  np.testing.assert_array_equal(kind > 0, some)
+  assert not (kind == 2)[~every].any()  # Never unmasked where some query misses some key.
+  if name.startswith('causal'):  # One range per query: the table is exact.
+    np.testing.assert_array_equal(kind == 2, every)
+  if name in ('causal', 'encoder_32x'):  # Blocks below the diagonal run unmasked.
+    assert (kind == 2).any()
+  np.testing.assert_array_equal(np.asarray(_mask_source(dense, lq, lk, 5, 5)[1]),
+                                some.astype(int) + every.astype(int))
+
+
 def test_blocked_accepts_a_boolean_mask():
   """Callers that build a dense mask (a plain bool array) get the same kernel, sliced per block."""
   _, dense = cache_case()

@@ -107,3 +107,41 @@ def test_stacked_params_have_layer_axis_and_logical_names():
   assert tuple(specs['embed']) == ('vocab', 'embed')
   shapes = model_lib.abstract_params(cfg)
   assert shapes['layers']['mlp']['w_gate'].shape == (3, 32, 48)
+
+
+@pytest.mark.parametrize('tie,dtype', [(False, 'float32'), (True, 'float32'), (True, 'bfloat16')])
+def test_fused_head_loss_equals_the_whole_logits(tie, dtype):
+  """`model.loss_chunk` (model/head_loss.py: gradients made in the forward, chunk by chunk) against
+  the naive reference's loss and autodiff through whole logits: chunks of 4 over 11 positions
+  (the last one padded), a loss mask with holes, tied and untied heads, bfloat16 compute."""
+  import jax.numpy as jnp
+  import optax
+  from ccf_jax.model import arch
+  cfg = tiny.get_config()
+  cfg.model = tiny_cfg(tie_embeddings=tie, dtype=dtype)
+  params = model_lib.init_params(cfg.model, seed=2)
+  r = np.random.default_rng(0)
+  tokens = jnp.asarray(r.integers(0, cfg.model.vocab_size, (2, 11)), jnp.int32)
+  batch = {'tokens': tokens, 'loss_mask': jnp.asarray(r.random((2, 11)) < 0.7, jnp.float32)}
+
+  def loss(chunk):
+    c = cfg.copy_and_resolve_references()
+    c.model.loss_chunk = chunk
+    # Scaled, so that the backward's cotangent is not 1.
+    fn = lambda p: (lambda s, n, aux: (0.37 * s, (n, aux['correct'])))(
+        *arch.decoder_loss(c, p, batch, None))
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+  (whole, (n0, ok0)), g0 = loss(0)
+  (fused, (n1, ok1)), g1 = loss(4)
+  tol = 2e-2 if dtype == 'bfloat16' else 1e-5
+  np.testing.assert_allclose(fused, whole, rtol=tol)
+  assert float(n1) == float(n0) and float(ok1) == float(ok0)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(np.abs(b).max()))
+  if dtype == 'float32':
+    w = np.asarray(batch['loss_mask'])[:, 1:]
+    ref = sum((optax.softmax_cross_entropy_with_integer_labels(
+        naive_forward(params, cfg.model, np.asarray(tokens[b]))[:-1],
+        np.asarray(tokens[b, 1:])) * w[b]).sum() for b in range(2))
+    np.testing.assert_allclose(fused, 0.37 * ref, rtol=1e-4)

@@ -1,5 +1,5 @@
 """`python -m ccf_jax.bench attention --config=experiments/tiny.py [--attention_shapes=S1,S2,S3]
-[--attention_impls=xla,blocked] [--steps=N]`: one layer's softmax attention, forward and
+[--attention_impls=xla,blocked] [--attention_blocks=128,256] [--steps=N]`: one layer's softmax attention, forward and
 backward, per implementation of `model.attention_impl`, at the attention shapes of bench peer's
 shapes.
 
@@ -30,6 +30,8 @@ _SHAPES = flags.DEFINE_list('attention_shapes', 'S1,S2,S3', 'bench attention: be
                             f'shapes whose attention to time ({", ".join(peer.SHAPE_NAMES)}).')
 _IMPLS = flags.DEFINE_list('attention_impls', 'xla,blocked', 'bench attention: implementations '
                            '(model.attention_impl values) to time.')
+_BLOCKS = flags.DEFINE_list('attention_blocks', [], 'bench attention: model.attention_block '
+                            "values to time each blocked kernel at (default: the config's).")
 _ROUNDS = flags.DEFINE_integer('attention_rounds', 3, 'bench attention: alternating rounds.',
                                lower_bound=1)
 
@@ -62,27 +64,30 @@ def bench_attention(config) -> list:
 
     ref = grad_fn(lambda q, k, v: attention.dense_attend(q, k, v, mask.dense(length)))(q, k, v)
     fns, rows = {}, {}
-    for impl in _IMPLS.value:
-      fn = grad_fn(lambda q, k, v, impl=impl: attention.attend(
-          q, k, v, mask, impl=impl, block=cfg.model.attention_block))
+    blocks = [int(b) for b in _BLOCKS.value] or [cfg.model.attention_block]
+    for impl, block in [(i, b) for i in _IMPLS.value for b in (blocks if i != 'xla' else [0])]:
+      name = impl if len(blocks) == 1 or impl == 'xla' else f'{impl}@{block}'
+      fn = grad_fn(lambda q, k, v, impl=impl, block=block: attention.attend(
+          q, k, v, mask, impl=impl, block=block or cfg.model.attention_block))
       t = time.time()
       got = jax.block_until_ready(fn(q, k, v))
       err = max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
                 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
-      fns[impl] = fn
-      rows[impl] = {'bench': 'attention', 'shape': shape, 'impl': impl,
-                    'q': list(q.shape), 'kv': list(k.shape), 'block': cfg.model.attention_block,
+      fns[name] = fn
+      rows[name] = {'bench': 'attention', 'shape': shape, 'impl': impl,
+                    'q': list(q.shape), 'kv': list(k.shape),
+                    'block': block or cfg.model.attention_block,
                     'max_rel_err_vs_dense': float(f'{err:.3g}'),
                     'compile_s': round(time.time() - t, 2),
                     'round_ms': []}
     for _ in range(_ROUNDS.value):
-      for impl, fn in fns.items():
+      for name, fn in fns.items():
         t = time.time()
         for _ in range(steps):
           r = fn(q, k, v)
         jax.block_until_ready(r)
-        rows[impl]['round_ms'].append(round((time.time() - t) / steps * 1e3, 2))
-    for impl, row in rows.items():
+        rows[name]['round_ms'].append(round((time.time() - t) / steps * 1e3, 2))
+    for row in rows.values():
       row['ms'] = min(row['round_ms'])
       if 'xla' in rows:
         row['speedup_vs_xla'] = round(rows['xla']['ms'] / row['ms'], 3)

@@ -32,12 +32,11 @@ import os
 import time
 
 import numpy as np
-from ccf_jax.train import trainer
 from ccf_jax import registry as arch_lib
 from ccf_jax.model import decoder as model_lib
 from ccf_jax.eval import common as ec
 from ccf_jax.inference import engine as inference
-from ccf_jax.core import config_lib
+from ccf_jax.core import config_lib, host_memory
 from ccf_jax.train import timing
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -59,7 +58,7 @@ def _peak_rss_gb() -> float:
           return int(line.split()[1]) / 1e6  # KiB -> GB.
   except OSError:
     pass
-  return trainer.peak_rss_gb()
+  return host_memory.peak_rss_gb()
 
 
 def variant(config, arch: str, context: int):

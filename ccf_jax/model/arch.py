@@ -17,6 +17,7 @@ import optax
 
 from ccf_jax.core import flops
 from ccf_jax.model import decoder as model_lib
+from ccf_jax.model import head_loss
 from ccf_jax.core.config_lib import window_len
 
 
@@ -50,11 +51,21 @@ def token_ce_sums(logits, tokens, loss_mask):
 
 
 def decoder_loss(cfg, params, batch, rng):
+  """`token_ce_sums` of the plain LM; with `model.loss_chunk` the head and its cross-entropy run
+  fused over chunks of positions (model/head_loss.py), the whole logits never built."""
   del rng
   module = model_lib.bind(cfg.model, params, model_lib.Decoder)
-  logits = module(batch['tokens'])
-  loss_sum, n, correct = token_ce_sums(logits, batch['tokens'], batch['loss_mask'])
-  return loss_sum, n, {'correct': correct}
+  tokens, chunk = batch['tokens'], cfg.model.get('loss_chunk', 0)
+  if not chunk:
+    loss_sum, n, correct = token_ce_sums(module(tokens), tokens, batch['loss_mask'])
+    return loss_sum, n, {'correct': correct}
+  shift = lambda a: jnp.pad(a[:, 1:], ((0, 0), (0, 1)))  # Position i predicts token i + 1.
+  weights = shift(batch['loss_mask'].astype(jnp.float32))
+  x = module.hidden(tokens)
+  with jax.named_scope('logits'):
+    loss_sum, correct = head_loss.head_ce_sums(*module.head_inputs(x), shift(tokens), weights,
+                                               chunk)
+  return loss_sum, weights.sum(), {'correct': correct}
 
 
 def decoder_train_flops(cfg, batch_size: int) -> float:

@@ -13,7 +13,9 @@ memory is one block of scores.
 
 Masks are never [B, Lq, Lk]: from an `attention.Spans` descriptor (key ranges per query and flags
 per key) each block's [B, bq, bk] mask is computed when the block is visited, and a [nq, nk] table
-of the blocks some query may see decides, by `lax.cond`, which blocks run at all, in both passes.
+of the blocks some query may see decides, by `lax.switch`, which blocks run at all, in both passes.
+A second table marks the blocks every query sees whole (below a causal diagonal: most of them),
+which run without computing or applying a mask.
 A plain boolean mask is also accepted (sliced per block) for callers that build one.
 
 Pure JAX, so it runs on CPU, GPU and TPU and under SPMD partitioning.
@@ -42,7 +44,8 @@ def _pad_to(a, axis: int, size: int, value=0):
 
 
 def _mask_source(mask, lq: int, lk: int, bq: int, bk: int):
-  """(block_fn(qi, kj) -> bool[B|1, bq, bk], visible bool[nq, nk]) of either mask form."""
+  """(block_fn(qi, kj) -> bool[B|1, bq, bk], kind int32[nq, nk]) of either mask form; kind 0: no
+  query of the block sees any of its keys, 1: some see some, 2: every query sees every key."""
   nq, nk = -(-lq // bq), -(-lk // bk)
   j0 = jnp.arange(bk, dtype=jnp.int32)
   if isinstance(mask, Spans):
@@ -59,9 +62,14 @@ def _mask_source(mask, lq: int, lk: int, bq: int, bk: int):
     touch = ((hi > lo)[..., None] & (lo[..., None] < jnp.minimum(start + bk, lk))
              & (hi[..., None] > start))  # [B, Lq, R, nk]: range r of query i reaches block kb.
     touch = touch.any(2).reshape(touch.shape[0], nq, bq, nk).any(2)
+    # Range r of query i covers block kb whole (padded queries, lo = hi = 0, cover nothing).
+    cover = (lo[..., None] <= start) & (hi[..., None] >= start + bk) & (start + bk <= lk)
+    full = cover.any(2).reshape(cover.shape[0], nq, bq, nk).all(2)
     if key_ok is not None:
-      touch = touch & key_ok.reshape(key_ok.shape[0], nk, bk).any(-1)[:, None, :]
-    return block_fn, touch.any(0)
+      blocks = key_ok.reshape(key_ok.shape[0], nk, bk)
+      touch = touch & blocks.any(-1)[:, None, :]
+      full = full & blocks.all(-1)[:, None, :]
+    return block_fn, _kind(touch.any(0), full.all(0))
   m = jnp.asarray(mask)
   m = m.reshape((1,) * (3 - m.ndim) + m.shape)
   m = jnp.broadcast_to(m, (m.shape[0], lq, lk))
@@ -70,8 +78,12 @@ def _mask_source(mask, lq: int, lk: int, bq: int, bk: int):
   def block_fn(qi, kj):
     return jax.lax.dynamic_slice(m, (0, qi * bq, kj * bk), (m.shape[0], bq, bk))
 
-  visible = m.reshape(m.shape[0], nq, bq, nk, bk).any((0, 2, 4))
-  return block_fn, visible
+  tiles = m.reshape(m.shape[0], nq, bq, nk, bk)
+  return block_fn, _kind(tiles.any((0, 2, 4)), tiles.all((0, 2, 4)))
+
+
+def _kind(visible, full):
+  return visible.astype(jnp.int32) + (visible & full).astype(jnp.int32)
 
 
 def _sizes(q, k, block: int):
@@ -99,9 +111,16 @@ def _split_k(a, nk: int, bk: int):
 
 
 def _scores(qb, kb, mb):
-  """Scores [B, K, G, bq, bk] of one block pair, masked entries at the float32 minimum."""
+  """Scores [B, K, G, bq, bk] of one block pair, masked entries (mb None: none) at the float32
+  minimum."""
   s = jnp.einsum('bkgqd,bskd->bkgqs', qb, kb)
-  return jnp.where(mb[:, None, None], s, _NEG)
+  return s if mb is None else jnp.where(mb[:, None, None], s, _NEG)
+
+
+def _probs(s, shift, mb):
+  """exp(s - shift) over one block, exactly 0 where masked (mb None: nothing masked)."""
+  p = jnp.exp(s - shift[..., None])
+  return p if mb is None else p * mb[:, None, None]
 
 
 def _tiles(q, k, v, mask, block):
@@ -118,34 +137,36 @@ def _tiles(q, k, v, mask, block):
 
 def _forward(q, k, v, mask, block):
   b, lq, h, d = q.shape
-  bq, bk, nq, nk, block_fn, visible, qg, kb, vb = _tiles(q, k, v, mask, block)
+  bq, bk, nq, nk, block_fn, kind, qg, kb, vb = _tiles(q, k, v, mask, block)
 
   def q_step(_, xs):
-    qi, qq, vis_row = xs
+    qi, qq, kind_row = xs
     init = (jnp.full(qq.shape[:-1], _NEG), jnp.zeros(qq.shape[:-1]), jnp.zeros(qq.shape))
 
     def k_step(carry, ys):
-      kj, kk, vv, vis = ys
+      kj, kk, vv, kind = ys
 
-      def visit(carry):
+      def visit(carry, masked: bool):
         m_old, l_old, acc = carry
-        mb = block_fn(qi, kj)
+        mb = block_fn(qi, kj) if masked else None
         s = _scores(qq, kk, mb)
         m_new = jnp.maximum(m_old, s.max(-1))
-        p = jnp.exp(s - m_new[..., None]) * mb[:, None, None]  # Exactly 0 where masked.
+        p = _probs(s, m_new, mb)
         corr = jnp.exp(m_old - m_new)
         return (m_new, l_old * corr + p.sum(-1),
                 acc * corr[..., None] + jnp.einsum('bkgqs,bskd->bkgqd', p, vv))
 
-      return jax.lax.cond(vis, visit, lambda c: c, carry), None
+      branches = (lambda c: c, functools.partial(visit, masked=True),
+                  functools.partial(visit, masked=False))
+      return jax.lax.switch(kind, branches, carry), None
 
-    (m, l, acc), _ = jax.lax.scan(k_step, init, (jnp.arange(nk), kb, vb, vis_row))
+    (m, l, acc), _ = jax.lax.scan(k_step, init, (jnp.arange(nk), kb, vb, kind_row))
     seen = l > 0  # A query that sees no key returns zeros, as the dense reference does.
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -_NEG)  # exp(s - lse) = 0.
     return None, (out, lse)
 
-  _, (out, lse) = jax.lax.scan(q_step, None, (jnp.arange(nq), qg, visible))
+  _, (out, lse) = jax.lax.scan(q_step, None, (jnp.arange(nq), qg, kind))
   return _ungroup(out, lq).astype(q.dtype), (out, lse)
 
 
@@ -169,33 +190,35 @@ def _bwd(block, res, dout):
   q, k, v, mask, out_g, lse = res
   b, lq, h, d = q.shape
   lk, kh = k.shape[1], k.shape[2]
-  bq, bk, nq, nk, block_fn, visible, qg, kb, vb = _tiles(q, k, v, mask, block)
+  bq, bk, nq, nk, block_fn, kind, qg, kb, vb = _tiles(q, k, v, mask, block)
   do = _group(dout, kh, nq, bq)
   delta = (do * out_g).sum(-1)  # [nq, B, K, G, bq]: the softmax backward's row term.
 
   def k_step(dq, xs):
-    kj, kk, vv, vis_col = xs
+    kj, kk, vv, kind_col = xs
 
     def q_step(carry, ys):
-      qi, qq, doi, lsei, deltai, vis = ys
+      qi, qq, doi, lsei, deltai, kind = ys
 
-      def visit(carry):
+      def visit(carry, masked: bool):
         dk, dv = carry
-        mb = block_fn(qi, kj)
-        p = jnp.exp(_scores(qq, kk, mb) - lsei[..., None]) * mb[:, None, None]
+        mb = block_fn(qi, kj) if masked else None
+        p = _probs(_scores(qq, kk, mb), lsei, mb)
         dv = dv + jnp.einsum('bkgqs,bkgqd->bskd', p, doi)
         ds = p * (jnp.einsum('bkgqd,bskd->bkgqs', doi, vv) - deltai[..., None])
         dk = dk + jnp.einsum('bkgqs,bkgqd->bskd', ds, qq)
         return (dk, dv), jnp.einsum('bkgqs,bskd->bkgqd', ds, kk)
 
       skip = lambda carry: (carry, jnp.zeros_like(qq))
-      return jax.lax.cond(vis, visit, skip, carry)
+      branches = (skip, functools.partial(visit, masked=True),
+                  functools.partial(visit, masked=False))
+      return jax.lax.switch(kind, branches, carry)
 
     zero = (jnp.zeros_like(kk), jnp.zeros_like(vv))
-    (dk, dv), dq_col = jax.lax.scan(q_step, zero, (jnp.arange(nq), qg, do, lse, delta, vis_col))
+    (dk, dv), dq_col = jax.lax.scan(q_step, zero, (jnp.arange(nq), qg, do, lse, delta, kind_col))
     return dq + dq_col, (dk, dv)
 
-  dq, (dk, dv) = jax.lax.scan(k_step, jnp.zeros_like(qg), (jnp.arange(nk), kb, vb, visible.T))
+  dq, (dk, dv) = jax.lax.scan(k_step, jnp.zeros_like(qg), (jnp.arange(nk), kb, vb, kind.T))
   unsplit = lambda a, like: a.swapaxes(0, 1).reshape(b, -1, kh, d)[:, :lk].astype(like.dtype)
   dq = (_ungroup(dq, lq) / math.sqrt(d)).astype(q.dtype)
   return dq, unsplit(dk, k), unsplit(dv, v), None

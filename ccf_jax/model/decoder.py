@@ -154,25 +154,31 @@ class Decoder(nnx.Module):
       hs = jnp.concatenate([hs, last.attn_norm(x[:, latents_from:])[None]])
     return x, hs
 
+  def head_inputs(self, x):
+    """(final-normed x, head weight [d, vocab]), both in the compute dtype: what the LM head
+    multiplies (`logits`, and `head_loss.head_ce_sums` without whole logits)."""
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return self.final_norm(x), w.astype(DTYPES[self.cfg.dtype])
+
   @jax.named_scope('logits')
   def logits(self, x):
     """float32 logits [B, L, vocab] (`head_matmul`: compute-dtype matmuls, float32 results)."""
-    x = self.final_norm(x)
-    dt = DTYPES[self.cfg.dtype]
-    w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    return sharding.constrain(head_matmul(x, w.astype(dt)), ('batch', 'length', 'vocab'))
+    return sharding.constrain(head_matmul(*self.head_inputs(x)), ('batch', 'length', 'vocab'))
 
-  def __call__(self, tokens, positions=None, mask=None):
-    """Plain causal LM: tokens int32[B, L] -> float32 logits [B, L, vocab]; the default mask is
-    causal, within `model.sliding_window` keys when that is set (get(): exports made before the
-    field existed)."""
+  def hidden(self, tokens, positions=None, mask=None):
+    """Plain causal LM: tokens int32[B, L] -> the last block's output [B, L, d]; the default mask
+    is causal, within `model.sliding_window` keys when that is set (get(): exports made before
+    the field existed)."""
     length = tokens.shape[-1]
     if positions is None:
       positions = jnp.arange(length)[None]
     if mask is None:
       mask = spans.causal(length, int(self.cfg.get('sliding_window', 0)))
-    x, _ = self.run_layers(self.embed_tokens(tokens), positions, mask)
-    return self.logits(x)
+    return self.run_layers(self.embed_tokens(tokens), positions, mask)[0]
+
+  def __call__(self, tokens, positions=None, mask=None):
+    """tokens int32[B, L] -> float32 logits [B, L, vocab] (`hidden`, then `logits`)."""
+    return self.logits(self.hidden(tokens, positions, mask))
 
 
 # ------------------------------------------------------------------------------------------------

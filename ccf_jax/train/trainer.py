@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -30,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from ccf_jax import registry as arch_lib
-from ccf_jax.core import config_lib
+from ccf_jax.core import config_lib, host_memory
 from ccf_jax.core import flops as flops_lib
 from ccf_jax.train import faults
 from ccf_jax.train import metrics as metrics_lib
@@ -60,10 +59,6 @@ class NonFiniteError(DivergedError):
 USER_ERRORS = (config_lib.ConfigError, sharding.MeshError, data_lib.DataError, ConvertError,
                ckpt_lib.CheckpointError, DivergedError, faults.StorageError,
                faults.WorkdirLockedError)
-
-
-def peak_rss_gb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB.
 
 
 @dataclasses.dataclass
@@ -274,7 +269,7 @@ def _train(config, workdir, allow_fresh_start, run) -> dict:
       state = loop.run(state, step, train_step, first)
       summary = loop.summary
       summary.update(params=n_params, frozen_params=n_frozen, phases=clock.phases,
-                     peak_rss_gb=round(peak_rss_gb(), 3))
+                     peak_rss_gb=round(host_memory.peak_rss_gb(), 3))
       return summary
   finally:
     preempt.restore()
@@ -313,6 +308,8 @@ class _Loop:
       self.maybe_profile(step)
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         state, metrics = train_step(state, to_device(batch, self.batch_sh))
+      if batch is first_batch:  # The call compiled the step: hand its freed heap back.
+        host_memory.release_freed()
       step += 1
       self.maybe_log(step, metrics)
       state = self.maybe_evaluate(step, state)
@@ -365,7 +362,7 @@ class _Loop:
                'grad_norm': float(m['grad_norm']), 'lr': float(m['lr']),
                'accuracy': float(m['accuracy']), 'tokens_per_s': tokens_per_s, 'step_time_s': step_time,
                'tflops': flops / step_time / 1e12, 'skipped_updates': float(m['skipped_updates']),
-               'peak_rss_gb': peak_rss_gb()}
+               'peak_rss_gb': host_memory.peak_rss_gb()}
     mfu = flops_lib.mfu(flops, step_time, jax.device_count(), self.peak_flops)
     if mfu is not None:
       scalars['mfu'] = mfu
