@@ -32,6 +32,7 @@ def counts(cfg):
     ('tiny_ccf_32x', 1_339_136, 0),
     ('tiny_ccf_passkey', 1_339_648, 0),  # c=8 distinct memory vectors instead of 16.
     ('tiny_ccf_adapter', 28_800, 1_311_872),  # The frozen base is exactly experiments/tiny.py.
+    ('tiny_ccf_ae', 1_340_672, 0),  # tiny_ccf's model, trained to reconstruct.
     ('passkey_4k', 1_340_672, 0),  # tiny_ccf's model at T=32.
     ('passkey_16k', 1_340_672, 0),  # The same model at T=128.
     ('passkey_4k_32x', 1_339_136, 0),  # c=4, as tiny_ccf_32x.
