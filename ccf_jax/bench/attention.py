@@ -1,7 +1,7 @@
 """`python -m ccf_jax.bench attention --config=experiments/tiny.py [--attention_shapes=S1,S2,S3]
-[--attention_impls=xla,blocked] [--attention_blocks=128,256] [--steps=N]`: one layer's softmax attention, forward and
-backward, per implementation of `model.attention_impl`, at the attention shapes of bench peer's
-shapes.
+[--attention_impls=xla,blocked] [--attention_blocks=128,256] [--steps=N]`: one layer's softmax
+attention, forward and backward, per implementation of `model.attention_impl` (and per block size
+of the blocked kernel), at the attention shapes of bench peer's shapes.
 
 Why: the kernel is a third of the S2 train step (bench profile), and a change to it moves the step
 by a fraction of its own gain; timing the kernel alone, each implementation alternated with the

@@ -93,7 +93,7 @@ def validate(cfg, num_devices: int | None = None, *,
            'model.param_dtype and model.dtype must be float32 or bfloat16.')
   if training:
     _check_precision(cfg)
-  _require(m.get('loss_chunk', 0) >= 0, f'model.loss_chunk={m.loss_chunk} must be >= 0 '
+  _require(m.get('loss_chunk', 0) >= 0, f'model.loss_chunk={m.get("loss_chunk")} must be >= 0 '
            '(positions per chunk of the fused head and loss; 0 = whole logits). Fix: '
            '--config.model.loss_chunk=0 or e.g. 256.')
   _require(m.remat_policy in REMAT_POLICIES,
