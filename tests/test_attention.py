@@ -276,7 +276,8 @@ def test_blocked_backward_keeps_one_block_of_scores_not_all():
 @pytest.mark.parametrize('field,value,match', [
     ('attention_impl', 'flash', 'attention_impl'),
     ('attention_block', 0, 'attention_block'),
-    ('loss_chunk', -1, r'model.loss_chunk=-1 must be >= 0.*Fix: '),
+    ('loss_chunk', -1, r'model.loss_chunk=-1 must be an integer >= 0.*Fix: '),
+    ('loss_chunk', 64, r"model.arch='ccf' would ignore it. Fix: --config.model.loss_chunk=0"),
     ('attention_impl', 'cudnn', 'bf16'),
     ('sliding_window', 8, r'sliding_window=8 is implemented for the plain decoder only.*Fix: '),
     ('sliding_window', -1, 'sliding_window=-1 must be an integer >= 0'),

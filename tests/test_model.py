@@ -145,3 +145,14 @@ def test_fused_head_loss_equals_the_whole_logits(tie, dtype):
         naive_forward(params, cfg.model, np.asarray(tokens[b]))[:-1],
         np.asarray(tokens[b, 1:])) * w[b]).sum() for b in range(2))
     np.testing.assert_allclose(fused, 0.37 * ref, rtol=1e-4)
+
+
+def test_fused_head_loss_needs_the_batch_on_one_device():
+  """Its head gradient accumulates in a replicated carry: a batch split over devices would
+  all-reduce all of it once per chunk, so such a mesh is refused with the fix."""
+  from ccf_jax.core import config_lib
+  cfg = tiny.get_config()
+  cfg.model.loss_chunk = 64
+  config_lib.validate(cfg, 1)
+  with pytest.raises(config_lib.ConfigError, match=r'split it over 8.*Fix: --config.model.loss_chunk=0'):
+    config_lib.validate(cfg, 8)

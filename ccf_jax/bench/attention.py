@@ -65,8 +65,11 @@ def bench_attention(config) -> list:
     ref = grad_fn(lambda q, k, v: attention.dense_attend(q, k, v, mask.dense(length)))(q, k, v)
     fns, rows = {}, {}
     blocks = [int(b) for b in _BLOCKS.value] or [cfg.model.attention_block]
-    for impl, block in [(i, b) for i in _IMPLS.value for b in (blocks if i != 'xla' else [0])]:
-      name = impl if len(blocks) == 1 or impl == 'xla' else f'{impl}@{block}'
+    if min(blocks) < 1:
+      raise ValueError(f'--attention_blocks={",".join(_BLOCKS.value)}: block sizes must be >= 1.')
+    sized = ('blocked', 'splash')  # The kernels that take model.attention_block.
+    for impl, block in [(i, b) for i in _IMPLS.value for b in (blocks if i in sized else [0])]:
+      name = impl if len(blocks) == 1 or impl not in sized else f'{impl}@{block}'
       fn = grad_fn(lambda q, k, v, impl=impl, block=block: attention.attend(
           q, k, v, mask, impl=impl, block=block or cfg.model.attention_block))
       t = time.time()
@@ -76,7 +79,7 @@ def bench_attention(config) -> list:
       fns[name] = fn
       rows[name] = {'bench': 'attention', 'shape': shape, 'impl': impl,
                     'q': list(q.shape), 'kv': list(k.shape),
-                    'block': block or cfg.model.attention_block,
+                    **({'block': block} if block else {}),
                     'max_rel_err_vs_dense': float(f'{err:.3g}'),
                     'compile_s': round(time.time() - t, 2),
                     'round_ms': []}

@@ -93,9 +93,13 @@ def validate(cfg, num_devices: int | None = None, *,
            'model.param_dtype and model.dtype must be float32 or bfloat16.')
   if training:
     _check_precision(cfg)
-  _require(m.get('loss_chunk', 0) >= 0, f'model.loss_chunk={m.get("loss_chunk")} must be >= 0 '
-           '(positions per chunk of the fused head and loss; 0 = whole logits). Fix: '
+  chunk = m.get('loss_chunk', 0)
+  _require(isinstance(chunk, int) and chunk >= 0, f'model.loss_chunk={chunk!r} must be an integer '
+           '>= 0 (positions per chunk of the fused head and loss; 0 = whole logits). Fix: '
            '--config.model.loss_chunk=0 or e.g. 256.')
+  _require(not chunk or m.arch == 'decoder', f'model.loss_chunk={chunk} fuses the plain '
+           f"decoder's head and loss; model.arch={m.arch!r} would ignore it. Fix: "
+           '--config.model.loss_chunk=0.')
   _require(m.remat_policy in REMAT_POLICIES,
            f'model.remat_policy={m.remat_policy!r}; choose one of {REMAT_POLICIES}.')
   _check_attention(m)
@@ -328,6 +332,12 @@ def check_mesh(cfg, num_devices: int) -> tuple[int, int, int]:
            f'{cfg.train.grad_accum}) is not divisible by the {carry_b} devices of the mesh axes '
            f'{_axes(batch_axes[0])} that carry the batch. Fix: make the batch a multiple of {carry_b} '
            f'or change --config.mesh.*.')
+  # The fused head's weight gradient accumulates over chunks in a replicated carry: with the batch
+  # split over devices, every chunk would all-reduce all of it (model/head_loss.py).
+  _require(not m.get('loss_chunk', 0) or carry_b == 1,
+           f'model.loss_chunk={m.get("loss_chunk", 0)} runs with the batch on one device, but the '
+           f'mesh axes {_axes(batch_axes[0])} split it over {carry_b}; each chunk would all-reduce '
+           'the whole head gradient. Fix: --config.model.loss_chunk=0.')
   if cfg.model.arch != 'decoder':
     carry_s = math.prod(sizes[a] for a in _axes(batch_axes[1]))
     _require(cfg.ccf.num_segments % carry_s == 0,

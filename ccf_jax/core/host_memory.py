@@ -10,7 +10,6 @@ no live data, and is a no-op where the C library has no such call (macOS, musl).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import resource
 
@@ -22,9 +21,11 @@ def peak_rss_gb() -> float:
 @functools.cache
 def _malloc_trim():
   try:
-    return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim
+    trim = ctypes.CDLL(None).malloc_trim  # The C library this process already runs on.
   except (OSError, AttributeError):
     return None
+  trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+  return trim
 
 
 def release_freed() -> bool:

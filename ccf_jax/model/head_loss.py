@@ -12,9 +12,11 @@ scales those by g. The FLOPs are autodiff's (three products per chunk, none reco
 transient memory is one chunk's [B, C, vocab] (the approach of Liger-Kernel's fused linear
 cross-entropy, in jnp).
 
-Chunks run along the length axis, so a batch axis sharded over devices stays sharded and a
-vocabulary sharded over `tensor` gives sharded logits whose log-sum-exp GSPMD all-reduces.
-Products are as `decoder.head_matmul` makes them: compute-dtype operands, float32 logits.
+Chunks run along the length axis, and a vocabulary sharded over `tensor` gives sharded logits
+whose log-sum-exp GSPMD all-reduces. The head's gradient accumulates in a replicated carry, so a
+batch split over devices would all-reduce all of it once per chunk: the config refuses that mesh
+(`config_lib.check_mesh`). Products are as `decoder.head_matmul` makes them: compute-dtype
+operands, float32 logits; the cotangent scales float32 copies of the gradients.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ def _pad_length(a, size: int):
 
 
 def _chunks(x, targets, weights, chunk: int):
-  """[n, B, C, ...] chunks of the length axis (padded with zero weights)."""
+  """[n, B, C, ...] chunks of the length axis, n = ceil(L / chunk) of equal size C <= chunk
+  (the last padded with zero weights by at most n - 1 positions)."""
   b, length = targets.shape
-  n = -(-length // chunk)
+  n = -(-length // min(chunk, length))
+  chunk = -(-length // n)
   cut = lambda a: _pad_length(a, n * chunk).reshape(b, n, chunk, *a.shape[2:]).swapaxes(0, 1)
   return n, cut(x), cut(targets), cut(weights)
 
@@ -42,6 +46,7 @@ def _forward(x, w, targets, weights, chunk: int):
   """(loss_sum, correct_sum), (dx, dw): the sums and their gradients for a unit cotangent."""
   b, length, d = x.shape
   n, xs, ts, ws = _chunks(x, targets, weights, chunk)
+  chunk = xs.shape[2]
 
   def one(dw, inp):
     xc, tc, wc = inp  # [B, C, d], [B, C], [B, C]
@@ -78,7 +83,8 @@ def _bwd(chunk, grads, g):
   """The forward's gradients scaled by the loss's cotangent; targets and weights get none."""
   del chunk
   (dx, dw), g_loss = grads, g[0]
-  return dx * g_loss.astype(dx.dtype), dw * g_loss.astype(dw.dtype), None, None
+  scale = lambda a: (a.astype(jnp.float32) * g_loss).astype(a.dtype)
+  return scale(dx), scale(dw), None, None
 
 
 head_ce_sums.defvjp(_forward, _bwd)
