@@ -79,7 +79,7 @@ def bench_attention(config) -> list:
       fns[name] = fn
       rows[name] = {'bench': 'attention', 'shape': shape, 'impl': impl,
                     'q': list(q.shape), 'kv': list(k.shape),
-                    **({'block': block} if block else {}),
+                    'block': block or cfg.model.attention_block,
                     'max_rel_err_vs_dense': float(f'{err:.3g}'),
                     'compile_s': round(time.time() - t, 2),
                     'round_ms': []}
