@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   # tpu -> splash).
   m.attention_block = 128  # Query/key rows per block of the blocked and splash kernels.
   m.loss_chunk = 0  # Plain decoder: head + cross-entropy fused over chunks of this many positions
-  # (model/head_loss.py: no whole [B, L, vocab] logits); 0 = whole logits.
+  # (model/head_loss.py: no whole [B, L, vocab] logits; the batch on one device); 0 = whole logits.
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
