@@ -34,7 +34,9 @@ from ccf_jax.model.spans import Spans, block_mask
 _NEG = jnp.finfo(jnp.float32).min
 
 
-def _pad_to(a, axis: int, size: int, value=0):
+def pad_to(a, axis: int, size: int, value=0):
+  """`a` padded with `value` at the end of `axis` to `size` (block-aligned lengths; also the fused
+  head's chunks, model/head_loss.py)."""
   pad = size - a.shape[axis]
   if not pad:
     return a
@@ -49,8 +51,8 @@ def _mask_source(mask, lq: int, lk: int, bq: int, bk: int):
   nq, nk = -(-lq // bq), -(-lk // bk)
   j0 = jnp.arange(bk, dtype=jnp.int32)
   if isinstance(mask, Spans):
-    lo, hi = (_pad_to(a.astype(jnp.int32), 1, nq * bq) for a in (mask.lo, mask.hi))
-    key_ok = None if mask.key_ok is None else _pad_to(mask.key_ok, 1, nk * bk, False)
+    lo, hi = (pad_to(a.astype(jnp.int32), 1, nq * bq) for a in (mask.lo, mask.hi))
+    key_ok = None if mask.key_ok is None else pad_to(mask.key_ok, 1, nk * bk, False)
 
     def block_fn(qi, kj):
       cut = lambda a: jax.lax.dynamic_slice_in_dim(a, qi * bq, bq, axis=1)
@@ -73,7 +75,7 @@ def _mask_source(mask, lq: int, lk: int, bq: int, bk: int):
   m = jnp.asarray(mask)
   m = m.reshape((1,) * (3 - m.ndim) + m.shape)
   m = jnp.broadcast_to(m, (m.shape[0], lq, lk))
-  m = _pad_to(_pad_to(m, 1, nq * bq, False), 2, nk * bk, False)
+  m = pad_to(pad_to(m, 1, nq * bq, False), 2, nk * bk, False)
 
   def block_fn(qi, kj):
     return jax.lax.dynamic_slice(m, (0, qi * bq, kj * bk), (m.shape[0], bq, bk))
@@ -93,7 +95,7 @@ def _sizes(q, k, block: int):
 def _group(a, kh: int, nq: int, bq: int):
   """[B, Lq, H, D] -> [nq, B, K, G, bq, D] float32 (H = K * G), padded to nq * bq queries."""
   b, lq, h, d = a.shape
-  a = _pad_to(a.astype(jnp.float32), 1, nq * bq)
+  a = pad_to(a.astype(jnp.float32), 1, nq * bq)
   return a.reshape(b, nq, bq, kh, h // kh, d).transpose(1, 0, 3, 4, 2, 5)
 
 
@@ -106,7 +108,7 @@ def _ungroup(a, lq: int):
 def _split_k(a, nk: int, bk: int):
   """[B, Lk, K, D] -> [nk, B, bk, K, D] float32, padded to nk * bk keys."""
   b, _, kh, d = a.shape
-  a = _pad_to(a.astype(jnp.float32), 1, nk * bk)
+  a = pad_to(a.astype(jnp.float32), 1, nk * bk)
   return a.reshape(b, nk, bk, kh, d).swapaxes(0, 1)
 
 

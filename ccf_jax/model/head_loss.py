@@ -26,10 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-
-def _pad_length(a, size: int):
-  pad = size - a.shape[1]
-  return a if not pad else jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+from ccf_jax.model.blocked_attention import pad_to
 
 
 def _chunks(x, targets, weights, chunk: int):
@@ -38,7 +35,7 @@ def _chunks(x, targets, weights, chunk: int):
   b, length = targets.shape
   n = -(-length // min(chunk, length))
   chunk = -(-length // n)
-  cut = lambda a: _pad_length(a, n * chunk).reshape(b, n, chunk, *a.shape[2:]).swapaxes(0, 1)
+  cut = lambda a: pad_to(a, 1, n * chunk).reshape(b, n, chunk, *a.shape[2:]).swapaxes(0, 1)
   return n, cut(x), cut(targets), cut(weights)
 
 
