@@ -6,6 +6,7 @@
 #   ./launch/local_suite.sh                          # 1000 steps each (tiny_ccf.py's train.steps)
 #   ./launch/local_suite.sh --steps=20 --preset=quick --workdir=runs/suite_smoke   # a smoke run
 #   ./launch/local_suite.sh --skip_train             # re-evaluate the existing exports
+#   ./launch/local_suite.sh --preset=long --only=ppl # perplexity vs K up to 16,384 tokens
 #
 # Models (experiments/): tiny_ccf (CCF 8x), tiny_ccf_32x (CCF 32x), tiny_segment_local and
 # tiny_full_attention (the same decoder without memory / with raw attention over the window).
@@ -22,6 +23,7 @@ WORKDIR="runs/suite"
 STEPS=""
 PRESET="full"
 SKIP_TRAIN=0
+ONLY=""
 MODELS="tiny_ccf tiny_ccf_32x tiny_segment_local tiny_full_attention"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -30,7 +32,8 @@ while [ $# -gt 0 ]; do
     --preset=*) PRESET="${1#*=}" ;;
     --models=*) MODELS="${1#*=}"; MODELS="${MODELS//,/ }" ;;
     --skip_train) SKIP_TRAIN=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --only=*) ONLY="${1#*=}" ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)"; exit 2 ;;
   esac
   shift
@@ -53,10 +56,11 @@ for NAME in $MODELS; do
       ${BASE_EXPORT:+--config.init.params_only=$BASE_EXPORT}
     python -m ccf_jax.export --workdir="$W" --out="$W/export" --overwrite
   fi
-  ONLY="ppl,passkey,ae,efficiency"
-  case "$NAME" in *segment_local*|*full_attention*) ONLY="ppl,passkey,ae" ;; esac
-  echo "[suite] evaluating $NAME (--preset=$PRESET --only=$ONLY)"
-  python -m ccf_jax.evaluate --checkpoint="$W/export" --preset="$PRESET" --only="$ONLY" --out="$W/eval"
+  SECTIONS="${ONLY:-ppl,passkey,ae,efficiency}"
+  case "$NAME" in *segment_local*|*full_attention*) SECTIONS="${SECTIONS//,efficiency/}" ;; esac
+  echo "[suite] evaluating $NAME (--preset=$PRESET --only=$SECTIONS)"
+  python -m ccf_jax.evaluate --checkpoint="$W/export" --preset="$PRESET" --only="$SECTIONS" \
+    --out="$W/eval"
   EVALS+=("$W/eval")
 done
 python -m ccf_jax.eval.compare --runs="$(IFS=,; echo "${EVALS[*]}")" --out="$WORKDIR" \

@@ -2,6 +2,7 @@
 trace abstractly on a 256-device mesh; bad CCF settings fail with errors that name the fix."""
 
 import importlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ def counts(cfg):
     ('tiny_ccf_ae', 1_340_672, 0),  # tiny_ccf's model, trained to reconstruct.
     ('passkey_4k', 1_340_672, 0),  # tiny_ccf's model at T=32.
     ('passkey_16k', 1_340_672, 0),  # The same model at T=128.
+    ('tiny_ccf_16k', 1_340_672, 0),  # tiny_ccf's model, language modelling at T=128.
     ('passkey_4k_32x', 1_339_136, 0),  # c=4, as tiny_ccf_32x.
     ('passkey_512', 1_340_672, 0),  # passkey_4k's first stage, T=4.
     ('passkey_512_32x', 1_339_136, 0),
@@ -52,13 +54,13 @@ def test_tiny_configs(name, trainable, frozen):
     assert arch_lib.get_arch(cfg).train_flops(cfg, 8) > 0
 
 
-@pytest.mark.parametrize('name', ['passkey_4k', 'passkey_4k_32x', 'passkey_16k'])
+@pytest.mark.parametrize('name', ['passkey_4k', 'passkey_4k_32x', 'passkey_16k', 'tiny_ccf_16k'])
 def test_staged_configs_start_from_a_stage_of_the_same_model(name):
   """A stage's `init.params_only` (runs/<stage>/export, trained by launch/_base.sh from
   experiments/<stage>.py) holds parameters of that stage's model: it must be this config's model,
   memory tokens included, or the import fails on the shapes."""
   cfg = importlib.import_module(f'experiments.{name}').get_config()
-  stage = cfg.init.params_only.split('/')[1]
+  stage = os.path.basename(os.path.dirname(cfg.init.params_only.rstrip('/')))
   prev = importlib.import_module(f'experiments.{stage}').get_config()
   shapes = lambda c: jax.tree.map(lambda a: a.shape, model_lib.abstract_params(
       arch_lib.get_arch(c).module_config(c), arch_lib.get_arch(c).module_cls))

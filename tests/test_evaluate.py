@@ -149,6 +149,41 @@ def test_full_attention_is_scored_only_within_its_trained_positions():
   assert ec.is_na(cells[4 * L]) and 'trained positions' in cells[4 * L][ec.NA]
 
 
+def test_cut_prefixes_score_distinct_tails_of_each_document():
+  docs = [np.arange(n) for n in (100, 40, 64)]
+  cuts = eval_ppl.cut_prefixes(docs, min_tokens=40, n_tail=8, per_doc=4)
+  # 100 tokens: ends 100, 80, 60, 40 (60 tokens of room in 3 steps); 40: itself; 64: 64, 56, 48, 40.
+  assert [len(c) for c in cuts] == [100, 80, 60, 40, 40, 64, 56, 48, 40]
+  for c in cuts:
+    assert np.array_equal(c, np.arange(len(c)))  # A prefix of its document.
+  assert [len(c) for c in eval_ppl.cut_prefixes(docs, 40, 8, 1)] == [100, 40, 64]
+
+
+def test_gap_closed_against_a_hand_computation():
+  from ccf_jax.eval import compare
+
+  def run(name, arch, rows):
+    return {'meta': {'name': name, 'arch': arch},
+            'ppl': {'tail_ends': [50, 60, 70], 'last_n': [
+                {'name': n, 'memory': m, 'cells': {str(k): {'loss': float(np.mean(v)),
+                                                            'doc_losses': v}
+                                                   for k, v in cells.items()}}
+                for n, m, cells in rows]}}
+
+  runs = [run('ccf', 'ccf', [('ccf 8x', 'on', {0: [3.0, 3.2, 3.4], 128: [2.9, 3.0, 3.2]}),
+                            ('memory off', 'off', {0: [3.0, 3.2, 3.4], 128: [3.0, 3.2, 3.4]})]),
+          run('local', 'segment_local', [('segment_local', 'off', {0: [3.1, 3.2, 3.3],
+                                                                   128: [3.1, 3.2, 3.3]})]),
+          run('full', 'full_attention', [('full_attention', 'off', {0: [3.1, 3.2, 3.3],
+                                                                    128: [2.8, 3.0, 3.1]})])]
+  rows = [r for r in compare.gap_rows(runs) if r.startswith('| ccf')]
+  # gap 3.2 - 2.9667 = 0.2333; closed 3.2 - 3.0333 = 0.1667: 0.714. Paired local - ccf per tail
+  # 0.2, 0.2, 0.1: mean 0.1667, SE 0.0333; ccf - full 0.1, 0.0, 0.1: 0.0667, SE 0.0333.
+  assert rows == ['| ccf: ccf 8x | 128 | 0.714 | +0.1667 +- 0.0333 | +0.0667 +- 0.0333 |']
+  runs[2]['ppl']['tail_ends'] = [50, 60, 71]  # Other tails: the fraction, but no paired figures.
+  assert compare.gap_rows(runs)[-2] == '| ccf: ccf 8x | 128 | 0.714 | - | - |'
+
+
 def test_streaming_equals_one_pass_over_the_document_and_stops_at_the_position_limit():
   cfg = small_cfg()
   cfg.model.max_position = 4 * 6 + L  # Memory of 6 earlier segments at most (c = 4): 7 segments.

@@ -80,6 +80,58 @@ def last_n_rows(runs) -> list:
   return out + [''] + notes.lines()
 
 
+def _first_row(runs, arch):
+  """(name, first last-N row, scored tails' ends) of the first run exported as `arch`, or None."""
+  for r in runs:
+    if r['meta']['arch'] == arch and r.get('ppl', {}).get('last_n'):
+      return r['meta']['name'], r['ppl']['last_n'][0], r['ppl'].get('tail_ends')
+  return None
+
+
+def _paired(a: dict, b: dict):
+  """(mean, standard error) of the per-tail loss differences a - b, or None when the two cells
+  were not measured on the same tails."""
+  import numpy as np
+  x, y = a.get('doc_losses'), b.get('doc_losses')
+  if not x or not y or len(x) != len(y):
+    return None
+  d = np.asarray(x) - np.asarray(y)
+  return float(d.mean()), ec.stderr(d)
+
+
+def gap_rows(runs) -> list:
+  """The fraction of the segment_local -> full_attention gap each CCF setting closes, per K where
+  full attention was measured: (segment_local - ccf) / (segment_local - full_attention) of the
+  token-level losses, with the paired differences (nats, standard error over the scored tails)."""
+  local, full = _first_row(runs, 'segment_local'), _first_row(runs, 'full_attention')
+  if not local or not full:
+    return []
+  base = local[1]['cells']['0']
+  out = [f'Gap closed: (`{local[0]}` - CCF) / (`{local[0]}` - `{full[0]}`), losses of the last N '
+         'tokens at each K; the paired differences are in nats, +- their standard error over the '
+         'scored tails (the same tails for every model).', '',
+         '| CCF setting | K | gap closed | segment_local - CCF | CCF - full attention |',
+         '|---|---|---|---|---|']
+  for r in runs:
+    if r['meta']['arch'] != 'ccf' or 'ppl' not in r:
+      continue
+    for row in r['ppl']['last_n']:
+      if row['memory'] != 'on':
+        continue
+      for k, cell in row['cells'].items():
+        f = full[1]['cells'].get(k)
+        if k == '0' or ec.is_na(cell) or f is None or ec.is_na(f):
+          continue
+        gap = base['loss'] - f['loss']
+        frac = f"{(base['loss'] - cell['loss']) / gap:.3f}" if gap > 0 else 'n/a (no gap)'
+        same = local[2] == full[2] == r['ppl'].get('tail_ends')  # Else not paired.
+        pairs = [_paired(base, cell), _paired(cell, f)] if same else [None, None]
+        diffs = ['-' if p is None else f'{p[0]:+.4f} +- {p[1]:.4f}' for p in pairs]
+        out.append(f"| {r['meta']['name']}: {row['name']} | {k} | {frac} | {diffs[0]} | "
+                   f'{diffs[1]} |')
+  return out + ['']
+
+
 def efficiency_rows(runs) -> list:
   out = []
   for r in runs:
@@ -110,7 +162,7 @@ def compare(dirs, out_dir: str, title: str = 'Comparison') -> str:
   if same_tok:
     n_tail = runs[0].get('ppl', {}).get('n_tail')
     lines += [f'## Perplexity of the last {n_tail} tokens given K context tokens', ''] + \
-        last_n_rows(runs)
+        last_n_rows(runs) + gap_rows(runs)
   lines += ['## Efficiency', ''] + (efficiency_rows(runs) or ['(no efficiency section)', ''])
   plt = er._plt()
   if same_tok and all('ppl' in r for r in runs):

@@ -34,7 +34,6 @@ import math
 import numpy as np
 
 from ccf_jax.eval import common as ec
-from ccf_jax import registry as arch_lib
 from ccf_jax import data as data_lib
 from ccf_jax.ccf.arch import lm_loss
 from ccf_jax.model import decoder as model_lib
@@ -107,8 +106,10 @@ def _add(acc, s, n, used):
 def _cell(loss_sums, counts, status='ok', note='') -> dict:
   """Aggregate of per-document sums: token-level loss/ppl, and the stderr of per-doc losses."""
   total, n = float(np.sum(loss_sums)), float(np.sum(counts))
+  per_doc = np.asarray(loss_sums) / np.maximum(counts, 1)
   cell = {'loss': total / n, 'ppl': ec.ppl(total / n), 'tokens': int(n), 'docs': len(counts),
-          'ppl_stderr_docs': ec.stderr(np.asarray(loss_sums) / np.maximum(counts, 1))}
+          'ppl_stderr_docs': ec.stderr(per_doc),
+          'doc_losses': [round(float(x), 6) for x in per_doc]}  # For paired comparisons.
   if status == 'beyond':
     cell['beyond_trained'] = note
   return cell
@@ -116,6 +117,20 @@ def _cell(loss_sums, counts, status='ok', note='') -> dict:
 
 # ------------------------------------------------------------------------------------------------
 # 1. Last N given K.
+
+
+def cut_prefixes(docs, min_tokens: int, n_tail: int, per_doc: int) -> list:
+  """Up to `per_doc` prefixes of each document, every one at least `min_tokens` long, whose last
+  `n_tail` tokens (the scored tail) do not overlap: the document itself, then ends spread evenly
+  back to `min_tokens`. A few long held-out documents then give many scored tails, so the paired
+  differences between models have a standard error worth quoting."""
+  out = []
+  for d in docs:
+    room = len(d) - min_tokens  # How far back the end can move.
+    step = max(n_tail, room // max(per_doc - 1, 1))
+    ends = [len(d) - i * step for i in range(per_doc) if i * step <= room]
+    out.extend(d[:e] for e in ends)
+  return out
 
 
 def k_sweep(segment_len: int, max_k: int) -> list:
@@ -299,24 +314,26 @@ def settings(model) -> list:
 
 def run(model, p: dict) -> dict:
   """The ppl section with preset `p` (keys: docs, n_tail, k_max, stream_tokens, doc_batch,
-  window_batches)."""
+  window_batches, and optionally tails_per_doc: scored tails cut from each document)."""
   l = model.segment_len
   n_tail = p['n_tail_segments'] * l
   docs = ec.documents(model, p['split'], p['docs'], min_tokens=n_tail + l)
   k_max = min(p['k_max'], min(len(d) for d in docs) - n_tail)
   ks = k_sweep(l, k_max)
+  tails = cut_prefixes(docs, max(ks) + n_tail, n_tail, int(p.get('tails_per_doc', 1)))
   rows = settings(model)
   out = {'tokenizer': model.tokenizer.model_path, 'split': p['split'],
          'corpus': str(model.config.data.corpus), 'docs': len(docs),
          'doc_tokens': [int(len(d)) for d in docs], 'n_tail': n_tail, 'ks': ks,
+         'tails': len(tails), 'tail_ends': [int(len(d)) for d in tails],
          'targets_per_doc': n_tail - 1, 'last_n': [], 'streaming': []}
-  groups = math.ceil(len(docs) / p['doc_batch'])
+  groups = math.ceil(len(tails) / p['doc_batch'])
   prog = ec.Progress('ppl last-N given K', groups * len(rows))
   for name, ratio, memory in rows:
-    cells = last_n_given_k(model, docs, n_tail, ks, ratio, memory, p['doc_batch'], prog)
+    cells = last_n_given_k(model, tails, n_tail, ks, ratio, memory, p['doc_batch'], prog)
     out['last_n'].append({'name': name, 'ratio': ratio, 'memory': memory,
                           'cells': {str(k): v for k, v in cells.items()}})
-  prog = ec.Progress('ppl streaming', groups * len(rows))
+  prog = ec.Progress('ppl streaming', math.ceil(len(docs) / p['doc_batch']) * len(rows))
   for name, ratio, memory in rows:
     res = streaming(model, docs, p['stream_tokens'], ratio, memory, p['doc_batch'], progress=prog)
     out['streaming'].append({'name': name, 'ratio': ratio, 'memory': memory, **res})

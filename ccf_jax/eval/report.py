@@ -67,7 +67,9 @@ def _ppl_md(r: dict) -> list:
          f"document(s) of `{p['corpus']}` ({p['split']} split, "
          f"{min(p['doc_tokens'])}-{max(p['doc_tokens'])} tokens).", '',
          f"### Last N given K (N = {p['n_tail']} tokens: the {p['targets_per_doc']} predictions "
-         'inside the final N tokens of each document, given the K tokens before them)', '',
+         'inside the final N tokens of each document, given the K tokens before them; '
+         f"{p.get('tails', p['docs'])} scored tails: each document's end and earlier cut points)",
+         '',
          '| setting | ' + ' | '.join(f'K={k}' for k in ks) + ' |',
          '|---|' + '---|' * len(ks)]
   for row in p['last_n']:

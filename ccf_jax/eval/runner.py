@@ -63,8 +63,8 @@ PRESETS = {
         'efficiency': dict(lengths=[1024, 2048, 4096, 8192, 16384, 32768], decode_steps=16,
                            train_steps=2, max_seconds=300.0),
     },
-    'long': {  # Long context (launch/recipes/passkey_long.sh): passkey at 4k-64k tokens.
-        'ppl': dict(split='test', docs=8, n_tail_segments=1, k_max_segments=128,
+    'long': {  # Long context: passkey at 4k-64k tokens (passkey_long.sh), perplexity vs K to 16k.
+        'ppl': dict(split='test', docs=8, n_tail_segments=1, k_max_segments=128, tails_per_doc=16,
                     stream_segments=128, doc_batch=4, window_batches=8),
         'passkey': dict(length_segments=[32, 128, 256, 512],
                         depths=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], batch=8,
