@@ -7,8 +7,8 @@ Windows are one segment long, since an auto-encoding step reads one segment per 
 a step. Measured alternative: half auto-encoding and half compressive LM steps
 (`ae_weight=0.5`, 8 windows of 8 segments) reached teacher-forced token accuracy 0.28 in 780
 steps, hardly above the LM's; here the accuracy jumps between steps 800 and 1,000 (as passkey
-retrieval does) and keeps rising (README "Long context", reconstruction). The LM term is off, so the export's held-out LM loss is
-ruined: it is a reconstruction model, not a compressive LM.
+retrieval does) and keeps rising (README "Long context", reconstruction). The LM term is off,
+so the export's held-out LM loss is ruined: it is a reconstruction model, not a compressive LM.
     python -m ccf_jax.train --config=experiments/tiny_ccf_ae.py --workdir=runs/tiny_ccf_ae
     python -m ccf_jax.export --workdir=runs/tiny_ccf_ae --out=runs/tiny_ccf_ae/export
     python -m ccf_jax.evaluate --checkpoint=runs/tiny_ccf_ae/export --only=ae --preset=full

@@ -154,5 +154,6 @@ def test_fused_head_loss_needs_the_batch_on_one_device():
   cfg = tiny.get_config()
   cfg.model.loss_chunk = 64
   config_lib.validate(cfg, 1)
-  with pytest.raises(config_lib.ConfigError, match=r'split it over 8.*Fix: --config.model.loss_chunk=0'):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'split it over 8.*Fix: --config.model.loss_chunk=0'):
     config_lib.validate(cfg, 8)

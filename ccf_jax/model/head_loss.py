@@ -4,8 +4,8 @@ pass (`model.loss_chunk`): the [B, L, vocab] logits never exist whole.
 Why: with a large vocabulary the logits are the step's largest activations. SmolLM2-135M's shape
 (vocab 49,152) at 1,024 tokens a step holds [1024, 49152] float32 logits and as much again for
 their gradient: 0.47 GB of the step's 2.57 GB of XLA temp memory (bench peer's S3 shape,
-WORKSPACE "Peak memory"). The loss is a sum, so its cotangent is one scalar g, and d(loss)/d(logits) =
-g * w_i * (softmax_i - onehot_i) is known as soon as a chunk's logits are: the forward pass
+WORKSPACE "Peak memory"). The loss is a sum, so its cotangent is one scalar g, and
+d(loss)/d(logits) = g * w_i * (softmax_i - onehot_i) is known as soon as a chunk's logits are: the forward pass
 computes, chunk by chunk along the length axis, the loss, the accuracy count and the chunk's
 gradients dx = dlogits W^T and dW += x^T dlogits, then drops the logits. The backward pass only
 scales those by g. The FLOPs are autodiff's (three products per chunk, none recomputed), and the
