@@ -38,10 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = 'float32'  # Compute dtype of activations and matmuls: float32 | bfloat16.
   m.remat_policy = 'none'  # Per-layer rematerialisation: none | full | dots | dots_no_batch.
   m.scan_layers = True  # Scan over stacked layers (flat compile time); False unrolls (FLOP checks).
-  m.attention_impl = 'auto'  # Every attention's kernel: auto | xla | blocked | cudnn | splash
-  # (model/attention.py; auto: cpu -> blocked or xla by mask and size, gpu -> cudnn for bf16,
-  # tpu -> splash).
-  m.attention_block = 128  # Query/key rows per block of the blocked and splash kernels.
+  m.attention_impl = 'auto'  # Every attention's kernel: auto | xla | blocked | rows | cudnn | splash
+  # (model/attention.py; auto: cpu -> rows, blocked or xla by mask and size, gpu -> cudnn for
+  # bf16, tpu -> splash).
+  m.attention_block = 128  # Query/key rows per block of the blocked, rows and splash kernels.
   m.loss_chunk = 0  # Plain decoder: head + cross-entropy fused over chunks of this many positions
   # (model/head_loss.py: no whole [B, L, vocab] logits; the batch on one device); 0 = whole logits.
 

@@ -133,16 +133,20 @@ def check(spans, dense, impl, block, seed=0):
 
 KERNELS = [(name, 'xla', 128) for name in sorted(CASES)] + [
     (name, 'blocked', 5) for name in sorted(CASES)] + [
-    (name, 'blocked', 128) for name in ('causal', 'decoder', 'encoder_32x')]
+    (name, 'blocked', 128) for name in ('causal', 'decoder', 'encoder_32x')] + [
+    (name, 'rows', block) for name in ('causal', 'causal_window') for block in (5, 128)]
 
 
 @pytest.mark.parametrize('name,impl,block', KERNELS)
 def test_each_kernel_equals_the_dense_reference(name, impl, block):
   """Blocks of 5: several query and key blocks, padded last blocks, blocks skipped (causal upper
-  triangle, memory of later segments, encoder tokens against memory slots); 128: one block. The
-  decoder also as the gated read's two attentions (memory alone: queries that see nothing)."""
+  triangle, memory of later segments, encoder tokens against memory slots, for rows the keys
+  below a sliding window); 128: one block. The decoder also as the gated read's two attentions
+  (memory alone: queries that see nothing)."""
   spans, dense = CASES[name]()
+  before = dict(attention.CALLS)
   check(spans, dense, impl, block)
+  assert attention.CALLS[impl] > before.get(impl, 0)  # The named kernel ran, not a fallback.
   if name == 'decoder':
     for part, want in gated_parts(spans, dense, dense.shape[-1] - dense.shape[1]):
       check(part, want, impl, block)
@@ -171,6 +175,21 @@ def test_block_kinds_follow_the_dense_mask(name):
     assert (kind == 2).any()
   np.testing.assert_array_equal(np.asarray(_mask_source(dense, lq, lk, 5, 5)[1]),
                                 some.astype(int) + every.astype(int))
+
+
+def test_rows_takes_the_causal_mask_and_leaves_the_others_to_blocked():
+  """`rows` unrolls the causal mask's query blocks at trace time (blocks of 5 over 13 tokens:
+  three blocks, the last short; with a window of 4 each block's keys start 3 before it); a mask
+  known only when the step runs (the CCF decoder's) goes to the blocked kernel and is counted
+  there, with the same result as the reference."""
+  from ccf_jax.model import causal_rows
+  assert causal_rows.row_blocks(13, 5) == [(0, 5, 0), (5, 10, 0), (10, 13, 0)]
+  assert causal_rows.row_blocks(13, 5, 4) == [(0, 5, 0), (5, 10, 2), (10, 13, 7)]
+  sp, dense = CASES['decoder']()
+  before = dict(attention.CALLS)
+  check(sp, dense, 'rows', 5)
+  assert attention.CALLS['blocked'] > before.get('blocked', 0)
+  assert attention.CALLS['rows'] == before.get('rows', 0)
 
 
 def test_blocked_accepts_a_boolean_mask():
@@ -240,6 +259,29 @@ def test_splash_runs_per_device_under_a_mesh(name):
     check(*CASES[name](), 'splash', 128)
 
 
+def test_rows_runs_per_device_under_a_mesh():
+  """rows maps over (batch row, kv head) pairs; under a mesh it runs inside shard_map, so the
+  sharded batch is never gathered onto one device (a scan over a sharded axis would be), and it
+  still equals the reference."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec
+  from ccf_jax.core import sharding
+  from experiments import base
+  mesh = jax.make_mesh((2, 1, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=jax.devices()[:4])
+  causal, dense = spans.causal(13), model_lib.causal_mask(13)
+  q, k, v, w = inputs(4, 13, 13, seed=4)
+  want = reference(q, k, v, w, dense)
+  loss = lambda q, k, v: (attention.attend(q, k, v, causal, 'rows', 5) * w).sum()
+  with sharding.use_mesh(mesh, base.get_config().mesh.rules):
+    step = jax.jit(jax.value_and_grad(loss, (0, 1, 2)),
+                   in_shardings=NamedSharding(mesh, PartitionSpec('data')))
+    assert 'all-gather' not in step.lower(q, k, v).compile().as_text()
+    got = step(q, k, v)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+  for g, r in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=5e-6)
+
+
 def test_sliding_window_skips_key_blocks_below_it():
   """A window of 8 keys over 64 queries in blocks of 8: each query block visits only its own key
   block and the one before (the window reaches back at most 7 keys), in both passes; the window
@@ -251,7 +293,7 @@ def test_sliding_window_skips_key_blocks_below_it():
   check(spans.causal(300, 100), window_mask(300, 100), 'splash', 128)
 
 
-def test_blocked_backward_keeps_one_block_of_scores_not_all():
+def test_blocked_and_rows_backward_keep_one_block_of_scores_not_all():
   """With many keys the compiled gradient's transient buffers stay far below the dense path's,
   which keeps [B, heads, Lq, Lk] scores and probabilities."""
   b, lq, lk = 2, 64, 2048
@@ -267,6 +309,16 @@ def test_blocked_backward_keeps_one_block_of_scores_not_all():
   scores = b * H * lq * lk * 4
   assert dense > scores
   assert blocked < 0.5 * scores
+  # rows, causal over 1024 tokens, 4 batch rows: one (batch row, kv head) pair's scores per step
+  # of its map, two query blocks at a time (0.16x the [4, heads, 1024, 1024] scores' bytes with
+  # this jaxlib; all pairs and blocks at once took 1.7x).
+  q, k, v, _ = inputs(4, 1024, 1024, seed=3)
+  causal = spans.causal(1024)
+  dense = temp(lambda q, k, v: attention.attend(q, k, v, causal, 'xla'))
+  rows = temp(lambda q, k, v: attention.attend(q, k, v, causal, 'rows', 128))
+  scores = 4 * H * 1024 * 1024 * 4
+  assert dense > scores
+  assert rows < 0.25 * scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,9 +357,12 @@ def test_auto_picks_per_platform_and_warns_once_on_fallback(monkeypatch, caplog)
   big = jnp.zeros((1, 1024, K, D), jnp.float32)
   assert attention.resolve('auto', q32, q32) == attention.cpu_choice(q32, q32)
   assert attention.resolve('auto', big, big) in ('xla', 'blocked')
-  # CPU: the causal mask takes the blocked kernel at any length, small CCF masks the dense one.
+  # CPU: the causal mask takes rows up to MAX_BLOCKS query blocks and the blocked kernel beyond,
+  # small CCF masks the dense one.
   causal, prefix = spans.causal(8), spans.prefix_causal(jnp.ones((1, 8), bool), 8)
-  assert attention.cpu_choice(q32, q32, causal) == 'blocked'
+  assert attention.cpu_choice(q32, q32, causal) == 'rows'
+  assert attention.cpu_choice(big, big, spans.causal(1024), 64) == 'rows'  # 16 blocks.
+  assert attention.cpu_choice(big, big, spans.causal(1024), 32) == 'blocked'  # 32 blocks.
   assert attention.cpu_choice(q32, jnp.zeros((1, 16, K, D)), prefix) == 'xla'
   assert attention.cpu_choice(big, big, prefix) == 'blocked'
   assert attention.resolve('blocked', q32, q32) == 'blocked'
@@ -379,14 +434,14 @@ def test_bench_attention_times_each_kernel_against_the_dense_reference():
                      env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   rows = {x['impl']: x for x in map(json.loads, r.stdout.splitlines())}
-  assert set(rows) == {'xla', 'blocked'}
+  assert set(rows) == {'xla', 'blocked', 'rows'}
   for row in rows.values():
     assert row['q'] == [2, 64, 4, 8] and row['kv'] == [2, 64, 2, 8] and row['block'] == 16
     assert row['max_rel_err_vs_dense'] < 1e-4 and len(row['round_ms']) == 2 and row['ms'] > 0
   assert rows['xla']['speedup_vs_xla'] == 1.0
 
 
-@pytest.mark.parametrize('impl', ['blocked', 'xla'])
+@pytest.mark.parametrize('impl', ['blocked', 'rows', 'xla'])
 def test_masked_scores_far_above_the_visible_ones_keep_gradients_finite(impl):
   """Keys a query may not see score 1e4 above those it sees (a diverging run's logits): their
   exp overflows, and a kernel that masks by multiplying (inf * 0) returns NaN gradients."""

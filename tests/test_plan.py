@@ -60,12 +60,12 @@ def test_tiny_plan_fits_and_adds_up(tiny_plan):
   plan_lib.check_fit(r)
   report = plan_lib.format_report(r)
   assert 'per device, analytic' in report and 'temporaries' in report
-  # The kernel the compiled step traced (auto on CPU: blocked for the causal mask), and the policy.
+  # The kernel the compiled step traced (auto on CPU: rows for the causal mask), and the policy.
   # Counted per traced attention: tiny.py unrolls its layers, so each of the 2 is traced (twice).
-  assert r['attention'] == {'configured': 'auto', 'traced': {'blocked': 4}}
+  assert r['attention'] == {'configured': 'auto', 'traced': {'rows': 4}}
   assert r['precision'] == {'compute': 'float32', 'trainable': ['float32'],
                             'optimizer_state': ['float32'], 'frozen': []}
-  assert 'attention traced: blocked x4' in report and 'precision: compute float32' in report
+  assert 'attention traced: rows x4' in report and 'precision: compute float32' in report
 
 
 def test_attention_is_traced_for_the_target_platform():

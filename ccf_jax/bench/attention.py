@@ -1,5 +1,5 @@
 """`python -m ccf_jax.bench attention --config=experiments/tiny.py [--attention_shapes=S1,S2,S3]
-[--attention_impls=xla,blocked] [--attention_blocks=128,256] [--steps=N]`: one layer's softmax
+[--attention_impls=xla,blocked,rows] [--attention_blocks=128,256] [--steps=N]`: one layer's softmax
 attention, forward and backward, per implementation of `model.attention_impl` (and per block size
 of the blocked kernel), at the attention shapes of bench peer's shapes.
 
@@ -28,7 +28,7 @@ from ccf_jax.bench import peer, steps_flag
 
 _SHAPES = flags.DEFINE_list('attention_shapes', 'S1,S2,S3', 'bench attention: bench peer '
                             f'shapes whose attention to time ({", ".join(peer.SHAPE_NAMES)}).')
-_IMPLS = flags.DEFINE_list('attention_impls', 'xla,blocked', 'bench attention: implementations '
+_IMPLS = flags.DEFINE_list('attention_impls', 'xla,blocked,rows', 'bench attention: implementations '
                            '(model.attention_impl values) to time.')
 _BLOCKS = flags.DEFINE_list('attention_blocks', [], 'bench attention: model.attention_block '
                             "values to time each blocked kernel at (default: the config's).")
@@ -67,7 +67,7 @@ def bench_attention(config) -> list:
     blocks = [int(b) for b in _BLOCKS.value] or [cfg.model.attention_block]
     if min(blocks) < 1:
       raise ValueError(f'--attention_blocks={",".join(_BLOCKS.value)}: block sizes must be >= 1.')
-    sized = ('blocked', 'splash')  # The kernels that take model.attention_block.
+    sized = ('blocked', 'rows', 'splash')  # The kernels that take model.attention_block.
     for impl, block in [(i, b) for i in _IMPLS.value for b in (blocks if i in sized else [0])]:
       name = impl if len(blocks) == 1 or impl not in sized else f'{impl}@{block}'
       fn = grad_fn(lambda q, k, v, impl=impl, block=block: attention.attend(

@@ -72,17 +72,17 @@ def blocked_key_rows(visible: np.ndarray, block: int) -> float:
 def decoder_key_rows(cfg) -> float:
   """Key rows a decoder query's attention computes, averaged over chunk steps: the buffer's T*c rows
   (or the W + k segments' rows a chunk slices under memory_window) and the segment's l tokens,
-  or, with model.attention_impl='blocked', the rows of the block pairs some query of the chunk may
-  see (`blocked_key_rows`: at k=1 the memory of the chunk's own and later segments and the blocks
-  above the causal diagonal are skipped). With memory_gate='tanh' memory and tokens are two
-  attentions, blocked apart."""
+  or, with model.attention_impl='blocked' (or 'rows', which runs these masks blocked), the rows of
+  the block pairs some query of the chunk may see (`blocked_key_rows`: at k=1 the memory of the
+  chunk's own and later segments and the blocks above the causal diagonal are skipped). With
+  memory_gate='tanh' memory and tokens are two attentions, blocked apart."""
   x, m = cfg.ccf, cfg.model
   t, c, l = x.num_segments, x.num_memory, x.segment_len
   k = x.decoder_segment_chunk or t
   w = x.memory_window
   sliced = w + k if w and w + k < t else 0
   rows = (sliced or t) * c
-  if m.get('attention_impl', 'auto') != 'blocked':
+  if m.get('attention_impl', 'auto') not in ('blocked', 'rows'):
     return float(rows + l)
   block = m.attention_block
   tokens = np.tril(np.ones((l, l), bool))

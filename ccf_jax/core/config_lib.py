@@ -180,7 +180,7 @@ def _divisor_hint(l: int, c: int) -> str:
 
 
 # ---- model.attention_impl (model/attention.py) -------------------------------------------------
-ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'cudnn', 'splash')  # model/attention.py: IMPLS.
+ATTENTION_IMPLS = ('auto', 'xla', 'blocked', 'rows', 'cudnn', 'splash')  # model/attention.py: IMPLS.
 
 
 def _check_attention(m):
@@ -190,7 +190,7 @@ def _check_attention(m):
            f'model.attention_impl={m.attention_impl!r}; choose one of {ATTENTION_IMPLS}.')
   _require(m.attention_block >= 1,
            f'model.attention_block={m.attention_block} must be >= 1 (query/key rows per block '
-           'of the blocked and splash kernels). Fix: 128.')
+           'of the blocked, rows and splash kernels). Fix: 128.')
   _require(m.attention_impl != 'cudnn' or m.dtype == 'bfloat16',
            "model.attention_impl='cudnn' runs bf16/fp16 only. Fix: --config.model.dtype=bfloat16 "
            "or --config.model.attention_impl=auto.")

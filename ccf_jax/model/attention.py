@@ -20,6 +20,10 @@ A plain boolean mask (e.g. from a caller that builds its own) is still accepted 
   xla      jax.nn.dot_product_attention(implementation='xla') on the dense mask;
   blocked  blocked_attention.py: online softmax over query x key blocks, per-block masks, skipped
            blocks, a recomputing backward (never [B, heads, Lq, Lk]);
+  rows     causal_rows.py: the plain decoder's causal mask (known at trace time, `static_causal`)
+           as one product per query block over its key range; every other mask (the CCF
+           encoder's and decoder's, a decode cache's) has no trace-time structure to unroll and
+           runs the blocked kernel (`CALLS` counts it as 'blocked');
   cudnn    jax.nn.dot_product_attention(implementation='cudnn'), bf16/fp16 on NVIDIA GPUs;
   splash   splash.py: Pallas TPU splash attention (interpret mode off TPU, for tests);
   auto     `resolve`: per platform, with one warning line whenever it leaves the preferred one.
@@ -41,7 +45,8 @@ import jax
 import jax.numpy as jnp
 
 from ccf_jax.core.config_lib import ATTENTION_IMPLS as IMPLS, ConfigError
-from ccf_jax.model import blocked_attention, splash
+from ccf_jax.model import blocked_attention, causal_rows, splash
+from ccf_jax.model.per_device import per_device
 from ccf_jax.model.spans import Spans, as_dense
 
 CALLS: collections.Counter = collections.Counter()  # impl -> attentions traced with it.
@@ -110,21 +115,31 @@ def _warn_once(msg: str):
     logging.warning('%s', msg)
 
 
-def cpu_choice(q, k, mask=None) -> str:
-  """`auto` on CPU: blocked for the causal mask at every length, and for any mask once the score
-  rectangle reaches 512 x 512; xla (the dense product) for the CCF masks below that.
+def static_causal(q, k, mask) -> bool:
+  """Whether `mask` is the square causal mask (optionally a sliding window) whose structure is
+  known at trace time: what the `rows` kernel takes."""
+  return isinstance(mask, Spans) and mask.causal and q.shape[1] == k.shape[1]
 
-  Measured idle (WORKSPACE "The attention kernel alone"): causal, the blocked kernel ran one
-  layer's forward and backward in 0.79x (one 128-token block) to 0.35x the dense product's time
-  (`bench attention`), and tiny.py's whole step (256 tokens) 1.21x faster; CCF8x's step (a 144-row
-  encoder over [segment; memory], 128 x 256 decoder windows) was 0.95-0.99x with blocked, where
-  the dense product's few, larger matmuls on a mask of mostly visible blocks still win."""
+
+def cpu_choice(q, k, mask=None, block: int = 128) -> str:
+  """`auto` on CPU: rows for the causal mask up to `causal_rows.MAX_BLOCKS` query blocks, blocked
+  for it beyond, and for any other mask once the score rectangle reaches 512 x 512; xla (the dense
+  product) for the CCF masks below that.
+
+  Measured idle (WORKSPACE "The attention kernel alone" and "The rows kernel", `bench
+  attention`): causal, the rows kernel ran one layer's forward and backward 1.72x faster than the
+  blocked one at S2, 1.32x at S3, 1.08x at tiny.py's 256 tokens and level (0.99x) at S1; the
+  blocked kernel 0.79x (one 128-token block) to 0.35x the dense product's time. CCF8x's step (a 144-row encoder over [segment;
+  memory], 128 x 256 decoder windows) was 0.95-0.99x with blocked, where the dense product's few,
+  larger matmuls on a mask of mostly visible blocks still win."""
+  if static_causal(q, k, mask):
+    return 'rows' if -(-q.shape[1] // block) <= causal_rows.MAX_BLOCKS else 'blocked'
   if isinstance(mask, Spans) and mask.causal:
     return 'blocked'
   return 'blocked' if q.shape[1] * k.shape[1] >= 512 * 512 else 'xla'
 
 
-def resolve(impl: str, q, k, mask=None) -> str:
+def resolve(impl: str, q, k, mask=None, block: int = 128) -> str:
   """The implementation `impl` runs as on this platform; `auto` picks (module doc) and logs one
   warning line when it cannot take the platform's preferred kernel."""
   if impl != 'auto':
@@ -140,7 +155,7 @@ def resolve(impl: str, q, k, mask=None) -> str:
   if target != 'cpu':
     _warn_once(f'model.attention_impl=auto: no preferred kernel on {target!r}; using xla.')
     return 'xla'
-  return cpu_choice(q, k, mask)
+  return cpu_choice(q, k, mask, block)
 
 
 @jax.named_scope('attention_kernel')  # Profiles attribute its time (bench profile).
@@ -148,13 +163,18 @@ def attend(q, k, v, mask, impl: str = 'xla', block: int = 128):
   """Grouped-query softmax attention, q: [B, Lq, H, D]; k, v: [B, Lk, K, D] with H % K == 0;
   mask: `Spans` or bool broadcastable to [B, Lq, Lk] (True = may attend). Softmax in float32; a
   fully masked query row returns zeros, in every implementation. `block`: query/key rows per
-  block of the blocked and splash kernels."""
-  impl = resolve(impl, q, k, mask)
+  block of the blocked, rows and splash kernels."""
+  impl = resolve(impl, q, k, mask, block)
+  if impl == 'rows' and not static_causal(q, k, mask):
+    impl = 'blocked'  # No trace-time structure to unroll (module doc).
   CALLS[impl] += 1
   if impl == 'xla':
     return dpa_attend(q, k, v, mask, 'xla')
   if impl == 'blocked':
     return blocked_attention.blocked_attend(q, k, v, mask, block)
+  if impl == 'rows':  # Per device: its map over pairs must not scan a sharded axis.
+    rows = lambda q, k, v, mask: causal_rows.rows_attend(q, k, v, block, mask.window)
+    return per_device(rows, q, k, v, mask)
   if impl == 'cudnn':
     if platform() != 'gpu':
       raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU (backend is "

@@ -19,7 +19,7 @@ Kernel constraints it meets here rather than refusing:
     bool (`is_dynamic_mask`) turned into an array; the flag is set back after construction;
   * a Mosaic kernel is a custom call that XLA cannot partition ("Mosaic kernels cannot be
     automatically partitioned"): under a mesh of several devices it runs inside `shard_map`,
-    each device on its own batch rows and heads (`_per_device`).
+    each device on its own batch rows and heads (`per_device.py`).
 Off TPU it runs in Pallas interpret mode: correct, slow, for tests.
 """
 
@@ -30,9 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jax.sharding import PartitionSpec as P
-
-from ccf_jax.core import sharding
+from ccf_jax.model.per_device import per_device
 from ccf_jax.model.spans import Spans, as_dense
 
 
@@ -62,35 +60,6 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def _per_device(fn, q, k, v, mask):
-  """fn(q, k, v, mask) on each device's shard under `shard_map` when a mesh of several devices
-  is in scope (module doc), else fn itself. The batch axis takes the mesh axes of the logical
-  'batch' axis and heads those of 'heads' / 'kv_heads' (both split alike, so every query head
-  finds its key/value head on its device), each only where it divides the dimension; lengths,
-  head_dim and the mask's per-query and per-key axes stay whole."""
-  mesh, rules = jax.sharding.get_abstract_mesh(), sharding.active_rules()
-  if mesh is None or mesh.empty or mesh.size == 1 or rules is None:
-    return fn(q, k, v, mask)
-
-  def spec(names, shape):
-    axes = sharding.logical_to_spec(names, rules)
-    return P(*(e if e is not None and d % sharding.mesh_axis_size(mesh, e) == 0 else None
-               for e, d in zip(axes, shape)))
-
-  qs = spec(('batch', None, 'heads', None), q.shape)
-  ks = spec(('batch', None, 'kv_heads', None), k.shape)
-  if (qs[2] is None) != (ks[2] is None):  # Split heads only where both kinds split.
-    qs, ks = P(qs[0], None, None, None), P(ks[0], None, None, None)
-  batch = qs[0] if qs[0] == ks[0] else None
-  qs, ks = P(batch, *qs[1:]), P(batch, *ks[1:])
-  # Spans' arrays all lead with [B|1]; a boolean mask does when it is [B|1, Lq, Lk].
-  lead = 1 if isinstance(mask, Spans) else 3
-  ms = jax.tree.map(lambda a: P(batch if a.ndim >= lead and a.shape[0] == q.shape[0] else None,
-                                *([None] * (a.ndim - 1))), mask)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(qs, ks, ks, ms), out_specs=qs,
-                       check_vma=False)(q, k, v, mask)
-
-
 def splash_attend(q, k, v, mask, block: int = 128, interpret: bool | None = None):
   """`attention.dense_attend(q, k, v, mask)` through splash attention. q: [B, Lq, H, D]; k, v:
   [B, Lk, K, D]; mask: `attention.Spans` or bool [B|1, Lq, Lk]. `block` (a multiple of 128, else
@@ -99,7 +68,7 @@ def splash_attend(q, k, v, mask, block: int = 128, interpret: bool | None = None
   if interpret is None:
     interpret = jax.default_backend() != 'tpu'
   local = lambda q, k, v, mask: _splash(q, k, v, mask, block, interpret)
-  return _per_device(local, q, k, v, mask)
+  return per_device(local, q, k, v, mask)
 
 
 def _splash(q, k, v, mask, block: int, interpret: bool):
