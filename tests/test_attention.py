@@ -192,6 +192,22 @@ def test_rows_takes_the_causal_mask_and_leaves_the_others_to_blocked():
   assert attention.CALLS['rows'] == before.get('rows', 0)
 
 
+@pytest.mark.parametrize('pairs', [1, 3])
+def test_rows_maps_over_pairs_in_steps(monkeypatch, pairs):
+  """4 batch rows x 2 kv heads = 8 (batch row, kv head) pairs, mapped 1 per step (8 steps) or
+  3 per step (2 steps and a remainder of 2): each equals the reference."""
+  from ccf_jax.model import causal_rows
+  q, k, v, w = inputs(4, 13, 13, seed=5)
+  monkeypatch.setattr(causal_rows, 'SCORE_BYTES', pairs * (H // K) * 5 * 13 * 4)
+  assert causal_rows.pairs_per_step(q, k, 5) == pairs
+  want = reference(q, k, v, w, model_lib.causal_mask(13))
+  got = value_and_grads(lambda q, k, v: attention.attend(q, k, v, spans.causal(13), 'rows', 5),
+                        q, k, v, w)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+  for g, r in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=5e-6)
+
+
 def test_blocked_accepts_a_boolean_mask():
   """Callers that build a dense mask (a plain bool array) get the same kernel, sliced per block."""
   _, dense = cache_case()
