@@ -28,8 +28,8 @@ from ccf_jax.bench import peer, steps_flag
 
 _SHAPES = flags.DEFINE_list('attention_shapes', 'S1,S2,S3', 'bench attention: bench peer '
                             f'shapes whose attention to time ({", ".join(peer.SHAPE_NAMES)}).')
-_IMPLS = flags.DEFINE_list('attention_impls', 'xla,blocked,rows', 'bench attention: implementations '
-                           '(model.attention_impl values) to time.')
+_IMPLS = flags.DEFINE_list('attention_impls', 'xla,blocked,rows', 'bench attention: '
+                           'implementations (model.attention_impl values) to time.')
 _BLOCKS = flags.DEFINE_list('attention_blocks', [], 'bench attention: model.attention_block '
                             "values to time each blocked kernel at (default: the config's).")
 _ROUNDS = flags.DEFINE_integer('attention_rounds', 3, 'bench attention: alternating rounds.',

@@ -129,9 +129,9 @@ def cpu_choice(q, k, mask=None, block: int = 128) -> str:
   Measured idle (WORKSPACE "The attention kernel alone" and "The rows kernel", `bench
   attention`): causal, the rows kernel ran one layer's forward and backward 1.72x faster than the
   blocked one at S2, 1.32x at S3, 1.08x at tiny.py's 256 tokens and level (0.99x) at S1; the
-  blocked kernel 0.79x (one 128-token block) to 0.35x the dense product's time. CCF8x's step (a 144-row encoder over [segment;
-  memory], 128 x 256 decoder windows) was 0.95-0.99x with blocked, where the dense product's few,
-  larger matmuls on a mask of mostly visible blocks still win."""
+  blocked kernel 0.79x (one 128-token block) to 0.35x the dense product's time. CCF8x's step (a
+  144-row encoder over [segment; memory], 128 x 256 decoder windows) was 0.95-0.99x with blocked,
+  where the dense product's few, larger matmuls on a mask of mostly visible blocks still win."""
   if static_causal(q, k, mask):
     return 'rows' if -(-q.shape[1] // block) <= causal_rows.MAX_BLOCKS else 'blocked'
   if isinstance(mask, Spans) and mask.causal:
