@@ -117,15 +117,22 @@ def reference(q, k, v, w, dense):
                             (0, 1, 2))(q, k, v)
 
 
-def check(spans, dense, impl, block, seed=0):
-  lq, lk = dense.shape[-2:]
-  b = max(dense.shape[0], spans.lo.shape[0], 1 if spans.key_ok is None else spans.key_ok.shape[0])
-  q, k, v, w = inputs(b, lq, lk, seed)
-  want = reference(q, k, v, w, dense)  # Compiled once per shape.
-  got = value_and_grads(lambda q, k, v: attention.attend(q, k, v, spans, impl, block), q, k, v, w)
+def assert_matches(got, want):
+  """(loss, (dq, dk, dv)) of a kernel against the reference's."""
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
   for g, r in zip(got[1], want[1]):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=5e-6)
+
+
+def check(spans, dense, impl, block, seed=0, batch=None):
+  """`batch`: batch rows when the masks broadcast over the batch (default: the masks' own)."""
+  lq, lk = dense.shape[-2:]
+  b = batch or max(dense.shape[0], spans.lo.shape[0],
+                   1 if spans.key_ok is None else spans.key_ok.shape[0])
+  q, k, v, w = inputs(b, lq, lk, seed)
+  want = reference(q, k, v, w, dense)  # Compiled once per shape.
+  got = value_and_grads(lambda q, k, v: attention.attend(q, k, v, spans, impl, block), q, k, v, w)
+  assert_matches(got, want)
   unseen = ~np.asarray(jnp.broadcast_to(dense, (b, lq, lk))).any(1)  # [B, Lk]
   np.testing.assert_array_equal(np.asarray(got[1][1])[unseen], 0.0)  # No gradient where unseen.
   return got
@@ -197,15 +204,10 @@ def test_rows_maps_over_pairs_in_steps(monkeypatch, pairs):
   """4 batch rows x 2 kv heads = 8 (batch row, kv head) pairs, mapped 1 per step (8 steps) or
   3 per step (2 steps and a remainder of 2): each equals the reference."""
   from ccf_jax.model import causal_rows
-  q, k, v, w = inputs(4, 13, 13, seed=5)
+  q, k, _, _ = inputs(4, 13, 13)
   monkeypatch.setattr(causal_rows, 'SCORE_BYTES', pairs * (H // K) * 5 * 13 * 4)
   assert causal_rows.pairs_per_step(q, k, 5) == pairs
-  want = reference(q, k, v, w, model_lib.causal_mask(13))
-  got = value_and_grads(lambda q, k, v: attention.attend(q, k, v, spans.causal(13), 'rows', 5),
-                        q, k, v, w)
-  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
-  for g, r in zip(got[1], want[1]):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=5e-6)
+  check(spans.causal(13), model_lib.causal_mask(13), 'rows', 5, seed=5, batch=4)
 
 
 def test_blocked_accepts_a_boolean_mask():
@@ -237,9 +239,7 @@ def test_cudnn_mask_translation_through_the_xla_implementation(name):
       None if spans.key_ok is None else jnp.broadcast_to(spans.key_ok[:1], (b, lk)))
   want = value_and_grads(lambda q, k, v: attention.dense_attend(q, k, v, dense_b), q, k, v, w)
   got = value_and_grads(lambda q, k, v: attention.dpa_attend(q, k, v, spans_b, 'xla'), q, k, v, w)
-  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
-  for g, r in zip(got[1], want[1]):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=5e-6)
+  assert_matches(got, want)
 
 
 def test_cudnn_off_gpu_is_a_config_error():
@@ -293,9 +293,7 @@ def test_rows_runs_per_device_under_a_mesh():
                    in_shardings=NamedSharding(mesh, PartitionSpec('data')))
     assert 'all-gather' not in step.lower(q, k, v).compile().as_text()
     got = step(q, k, v)
-  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
-  for g, r in zip(got[1], want[1]):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=5e-6)
+  assert_matches(got, want)
 
 
 def test_sliding_window_skips_key_blocks_below_it():

@@ -1,7 +1,7 @@
 """`python -m ccf_jax.bench attention --config=experiments/tiny.py [--attention_shapes=S1,S2,S3]
 [--attention_impls=xla,blocked,rows] [--attention_blocks=128,256] [--steps=N]`: one layer's softmax
 attention, forward and backward, per implementation of `model.attention_impl` (and per block size
-of the blocked kernel), at the attention shapes of bench peer's shapes.
+of the blocked and rows kernels), at the attention shapes of bench peer's shapes.
 
 Why: the kernel is a third of the S2 train step (bench profile), and a change to it moves the step
 by a fraction of its own gain; timing the kernel alone, each implementation alternated with the
@@ -31,7 +31,8 @@ _SHAPES = flags.DEFINE_list('attention_shapes', 'S1,S2,S3', 'bench attention: be
 _IMPLS = flags.DEFINE_list('attention_impls', 'xla,blocked,rows', 'bench attention: '
                            'implementations (model.attention_impl values) to time.')
 _BLOCKS = flags.DEFINE_list('attention_blocks', [], 'bench attention: model.attention_block '
-                            "values to time each blocked kernel at (default: the config's).")
+                            'values to time the blocked and rows kernels at (default: the '
+                            "config's).")
 _ROUNDS = flags.DEFINE_integer('attention_rounds', 3, 'bench attention: alternating rounds.',
                                lower_bound=1)
 
