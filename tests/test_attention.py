@@ -184,19 +184,23 @@ def test_block_kinds_follow_the_dense_mask(name):
                                 some.astype(int) + every.astype(int))
 
 
-def test_rows_takes_the_causal_mask_and_leaves_the_others_to_blocked():
+def test_rows_takes_the_causal_mask_and_leaves_the_others_to_blocked(caplog):
   """`rows` unrolls the causal mask's query blocks at trace time (blocks of 5 over 13 tokens:
   three blocks, the last short; with a window of 4 each block's keys start 3 before it); a mask
-  known only when the step runs (the CCF decoder's) goes to the blocked kernel and is counted
-  there, with the same result as the reference."""
+  known only when the step runs (the CCF decoder's) goes to the blocked kernel, is counted there
+  and says so in one log line, with the same result as the reference."""
   from ccf_jax.model import causal_rows
   assert causal_rows.row_blocks(13, 5) == [(0, 5, 0), (5, 10, 0), (10, 13, 0)]
   assert causal_rows.row_blocks(13, 5, 4) == [(0, 5, 0), (5, 10, 2), (10, 13, 7)]
   sp, dense = CASES['decoder']()
   before = dict(attention.CALLS)
-  check(sp, dense, 'rows', 5)
+  attention._warned.clear()
+  with caplog.at_level(logging.WARNING):
+    check(sp, dense, 'rows', 5)
   assert attention.CALLS['blocked'] > before.get('blocked', 0)
   assert attention.CALLS['rows'] == before.get('rows', 0)
+  lines = [r for r in caplog.records if "attention_impl='rows'" in r.getMessage()]
+  assert len(lines) == 1 and "run 'blocked'" in lines[0].getMessage()
 
 
 @pytest.mark.parametrize('pairs', [1, 3])

@@ -23,7 +23,7 @@ A plain boolean mask (e.g. from a caller that builds its own) is still accepted 
   rows     causal_rows.py: the plain decoder's causal mask (known at trace time, `static_causal`)
            as one product per query block over its key range; every other mask (the CCF
            encoder's and decoder's, a decode cache's) has no trace-time structure to unroll and
-           runs the blocked kernel (`CALLS` counts it as 'blocked');
+           runs the blocked kernel (`CALLS` counts it as 'blocked'; one log line says so);
   cudnn    jax.nn.dot_product_attention(implementation='cudnn'), bf16/fp16 on NVIDIA GPUs;
   splash   splash.py: Pallas TPU splash attention (interpret mode off TPU, for tests);
   auto     `resolve`: per platform, with one warning line whenever it leaves the preferred one.
@@ -166,6 +166,8 @@ def attend(q, k, v, mask, impl: str = 'xla', block: int = 128):
   block of the blocked, rows and splash kernels."""
   impl = resolve(impl, q, k, mask, block)
   if impl == 'rows' and not static_causal(q, k, mask):
+    _warn_once("model.attention_impl='rows' takes the plain decoder's causal mask only; this "
+               "model's other masks (CCF encoder/decoder, decode cache) run 'blocked'.")
     impl = 'blocked'  # No trace-time structure to unroll (module doc).
   CALLS[impl] += 1
   if impl == 'xla':
