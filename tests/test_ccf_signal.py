@@ -166,6 +166,12 @@ def test_summary_bars_from_per_window_losses():
   assert near['ccf']['seed_spread_std'] == pytest.approx(0.005)
   one = bench_signal.summarize([{'ccf': ccf[0], 'segment_local': sl[0]}], 'x')
   assert one['bar_beyond_seed_spread'] is None and one['ccf']['seed_spread_std'] is None
+  # The same difference in every window (no spread): a certain win, or none at all.
+  ones = np.array([1.0, 2.0])
+  same = bench_signal.summarize([{'ccf': ones, 'segment_local': ones + 0.5}], 'x')
+  assert same['segment_local_minus_ccf']['z'] == math.inf and same['bar_3se']
+  tie = bench_signal.summarize([{'ccf': ones, 'segment_local': ones}], 'x')
+  assert tie['segment_local_minus_ccf']['z'] == 0.0 and not tie['bar_3se']
 
 
 def test_equal_time_steps_fill_ccf_training_time_at_the_baseline_step_time():

@@ -242,9 +242,11 @@ def summarize(per_seed: list, config_name: str, base_steps: int = 0) -> dict:
       summary[model] = {'mean_over_seeds': float(m.mean()),
                        'seed_spread_std': float(m.std(ddof=1)) if len(m) > 1 else None}
   d = np.concatenate(diffs)
-  summary['segment_local_minus_ccf'] = {'mean': float(d.mean()),
-                                        'se': float(d.std(ddof=1) / math.sqrt(len(d))),
-                                        'z': float(d.mean() / (d.std(ddof=1) / math.sqrt(len(d))))}
+  mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+  # Equal differences in every window leave no spread: the sign is then certain (z of +-inf),
+  # or there is no difference at all (z of 0).
+  z = mean / se if se > 0 else math.copysign(math.inf, mean) if mean else 0.0
+  summary['segment_local_minus_ccf'] = {'mean': mean, 'se': se, 'z': z}
   spread = summary['ccf'].get('seed_spread_std') or 0.0
   summary['bar_3se'] = bool(summary['segment_local_minus_ccf']['z'] > 3)
   summary['bar_beyond_seed_spread'] = (None if len(per_seed) < 2 else bool(d.mean() > max(
