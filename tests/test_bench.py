@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ['--config.model.d_model=32', '--config.model.num_layers=2', '--config.model.num_heads=4',
          '--config.model.num_kv_heads=2', '--config.model.head_dim=8', '--config.model.mlp_dim=64',
@@ -93,10 +95,33 @@ def test_bench_profile_and_prefill_print_json():
   assert {'attention_kernel', 'attention', 'mlp', 'norm', 'embed', 'logits', 'loss',
           'optimizer'} <= set(comps), comps
   assert min(comps[c] for c in ('attention_kernel', 'attention', 'mlp', 'logits')) > 0, comps
+  buckets = {x['bucket']: x['ms_per_step'] for x in recs if 'bucket' in x}  # torch's split.
+  assert buckets['attention_kernel'] == comps['attention_kernel'], buckets
+  assert buckets['optimizer'] == comps['optimizer'], buckets
+  assert sum(buckets.values()) == pytest.approx(sum(comps.values()), abs=0.1)
   r = _bench('prefill', '--config=experiments/tiny.py', '--prefill_lengths=16,32', *SMALL)
   assert r.returncode == 0, r.stderr[-3000:]
   recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
   assert [x['tokens'] for x in recs] == [16, 32] and all(x['tokens_per_s'] > 0 for x in recs)
+
+
+def test_bench_profile_of_the_torch_peer():
+  """--profile_system=torch traces bench peer's torch step where torch and transformers are
+  installed (its phases and SDPA found, the buckets adding up to the traced ops); without them it
+  stops with the install command (CI)."""
+  import importlib.util
+  r = _bench('profile', '--config=experiments/tiny.py', '--steps=1', '--profile_system=torch',
+             *SMALL)
+  if not (importlib.util.find_spec('torch') and importlib.util.find_spec('transformers')):
+    assert r.returncode != 0 and 'pip install -r requirements-peer.txt' in r.stderr, r.stderr
+    return
+  assert r.returncode == 0, r.stderr[-3000:]
+  recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+  phases = {x['phase'] for x in recs if 'phase' in x and 'instruction' not in x}
+  buckets = {x['bucket']: x['share'] for x in recs if 'bucket' in x}
+  assert {'forward', 'backward', 'clip', 'optimizer'} <= phases, phases
+  assert buckets['attention_kernel'] > 0 and buckets['matmul'] > 0, buckets
+  assert abs(sum(buckets.values()) - 1) < 0.01
 
 
 def test_profile_self_times_subtract_nested_events():

@@ -34,11 +34,15 @@ def jax_plain(cfg, steps: int) -> dict:
   return plain_jax.time_steps(cfg, steps)
 
 
-def torch(cfg, steps: int) -> dict:
-  """transformers' LlamaForCausalLM (sdpa) with torch AdamW and gradient clipping, float32."""
+def torch_step(cfg, phase=None):
+  """transformers' LlamaForCausalLM (sdpa) with torch AdamW and gradient clipping, float32, on the
+  shape cfg names: (step, parameters), where step() runs one training step and returns the loss
+  tensor. `phase(name)`, a context manager, wraps each part of the step (forward, backward, clip,
+  optimizer) when given: the labels bench profile reads from torch.profiler."""
+  import contextlib
   import torch as pt
-  import transformers
   from transformers import LlamaConfig, LlamaForCausalLM
+  phase = phase or (lambda name: contextlib.nullcontext())
   m, t = cfg.model, cfg.train
   pt.manual_seed(0)
   llama = LlamaConfig(
@@ -48,7 +52,6 @@ def torch(cfg, steps: int) -> dict:
       max_position_embeddings=max(m.max_position, cfg.data.seq_len), rms_norm_eps=m.norm_eps,
       rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std,
       use_cache=False, attn_implementation='sdpa')
-  t0 = time.time()
   model = LlamaForCausalLM(llama).to(pt.float32).train()
   params = list(model.parameters())
   decay = [p for p in params if p.ndim >= 2]  # As ccf_jax's decay mask: no decay on norm scales.
@@ -60,13 +63,26 @@ def torch(cfg, steps: int) -> dict:
 
   def step():
     opt.zero_grad(set_to_none=True)
-    loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
-    loss.backward()
+    with phase('forward'):
+      loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+    with phase('backward'):
+      loss.backward()
     if t.clip_norm > 0:
-      pt.nn.utils.clip_grad_norm_(params, t.clip_norm)
-    opt.step()
+      with phase('clip'):
+        pt.nn.utils.clip_grad_norm_(params, t.clip_norm)
+    with phase('optimizer'):
+      opt.step()
     return loss
 
+  return step, params
+
+
+def torch(cfg, steps: int) -> dict:
+  """The torch peer's step (torch_step), timed."""
+  import torch as pt
+  import transformers
+  t0 = time.time()
+  step, params = torch_step(cfg)
   step().item()  # Warm-up.
   setup_s = time.time() - t0
   t0, c0 = time.time(), time.process_time()

@@ -19,6 +19,17 @@ the heaviest single instructions with their kind, component and JAX op name.
 
 Shapes: `--profile_shape` takes bench peer's shape names (S1, S2, S3, CCF8x, CCF8x_4k, config),
 so a profile and the peer comparison describe the same step.
+
+`--profile_system=torch` profiles bench peer's torch step instead (`peer_child.torch_step`, with
+torch.profiler; needs requirements-peer.txt), in the same terms: each aten op's self time by kind
+(matmul for mm/addmm/bmm, the fused attention for SDPA's kernels, copy/transpose, framework for
+autograd and dispatch time outside every op) and by phase of the step (forward, backward, clip,
+optimizer). Both systems also print `bucket` rows, one split that reads the same for each:
+attention_kernel (ccf_jax's kernel scope; SDPA), optimizer (ccf_jax's optimizer scope; torch's
+clip and AdamW), and the rest by kind. Set side by side, they say where one step's time exceeds
+the other's. Torch on CPU runs its ops one after another from one thread, so its self times add
+up to the step; XLA:CPU may run independent instructions at once, so ccf_jax's shares are of the
+summed self time.
 """
 
 from __future__ import annotations
@@ -39,6 +50,9 @@ from ccf_jax.bench import peer, steps_flag
 _SHAPE = flags.DEFINE_string('profile_shape', 'config', 'bench profile: a bench peer shape '
                              f'({", ".join(peer.SHAPE_NAMES)}).')
 _TOP = flags.DEFINE_integer('profile_top', 12, 'bench profile: heaviest instructions to list.')
+_SYSTEM = flags.DEFINE_enum('profile_system', 'ccf_jax', ['ccf_jax', 'torch'],
+                            'bench profile: whose train step to trace (torch: bench peer\'s torch '
+                            'step, with torch.profiler; needs requirements-peer.txt).')
 
 # Innermost first: the attention kernel's scope sits inside the attention layer's.
 COMPONENTS = ('attention_kernel', 'attention', 'mlp', 'norm', 'embed', 'logits', 'loss',
@@ -80,6 +94,17 @@ def kind_of(opcode: str, called: str | None, comps: dict) -> str:
   if ops and ops <= _MOVES:
     return 'copy/transpose'
   return 'elementwise/reduce'
+
+
+def bucket_of(kind: str, component: str) -> str:
+  """The split both systems' profiles print (ccf_jax's here, torch_bucket): the attention kernel
+  and the optimizer by scope, the rest by kind."""
+  return component if component in ('attention_kernel', 'optimizer') else kind
+
+
+def torch_bucket(kind: str, phase: str) -> str:
+  return ('attention_kernel' if kind == 'attention (fused)' else
+          'optimizer' if phase in ('clip', 'optimizer') else kind)
 
 
 def component_of(op_name: str) -> str:
@@ -125,32 +150,96 @@ def _trace_events(logdir: str) -> list:
 def breakdown(times: collections.Counter, hlo_text: str, steps: int, top: int) -> list:
   """The JSON rows: totals by kind and by component, then the heaviest instructions."""
   instrs, comps = parse_hlo(hlo_text)
-  by_kind, by_comp, known = collections.Counter(), collections.Counter(), []
+  known = []
   for name, us in times.items():
-    if name not in instrs:
-      continue
-    opcode, called, op_name = instrs[name]
-    kind, comp = kind_of(opcode, called, comps), component_of(op_name)
-    by_kind[kind] += us
-    by_comp[comp] += us
-    known.append((us, name, kind, comp, op_name))
-  total = sum(by_kind.values()) or 1.0
+    if name in instrs:
+      opcode, called, op_name = instrs[name]
+      known.append((us, name, kind_of(opcode, called, comps), component_of(op_name), op_name))
+  return _rows(known, steps, top, 'component', bucket_of)
+
+
+def _rows(known: list, steps: int, top: int, group: str, bucket) -> list:
+  """Rows by kind, by `group` (ccf_jax's component, torch's phase) and by bucket(kind, group
+  value), then the heaviest `top` entries of known: (self us, name, kind, group value, op name)."""
+  totals = {what: collections.Counter() for what in ('kind', group, 'bucket')}
+  for us, _, kind, part, _ in known:
+    totals['kind'][kind] += us
+    totals[group][part] += us
+    totals['bucket'][bucket(kind, part)] += us
+  total = sum(totals['kind'].values()) or 1.0
   row = lambda what, name, us: {'bench': 'profile', what: name,
                                 'ms_per_step': round(us / 1e3 / steps, 2),
                                 'share': round(us / total, 3)}
-  rows = [row('kind', k, v) for k, v in by_kind.most_common()]
-  rows += [row('component', k, v) for k, v in by_comp.most_common()]
-  for us, name, kind, comp, op_name in sorted(known, reverse=True)[:top]:
-    rows.append({**row('instruction', name, us), 'kind': kind, 'component': comp,
+  rows = [row(what, k, v) for what, counter in totals.items() for k, v in counter.most_common()]
+  for us, name, kind, part, op_name in sorted(known, reverse=True)[:top]:
+    rows.append({**row('instruction', name, us), 'kind': kind, group: part,
                  'op_name': op_name[-120:]})
   return rows
 
 
+_TORCH_MATMULS = {'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::addbmm'}
+_TORCH_MOVES = {'aten::copy_', 'aten::clone', 'aten::contiguous', 'aten::cat', 'aten::stack',
+                'aten::index_select', 'aten::embedding_dense_backward'}
+_TORCH_PHASES = ('forward', 'backward', 'clip', 'optimizer')
+
+
+def torch_kind(name: str) -> str:
+  """Kind of one torch.profiler event from its name (self time only, so a composite op such as
+  aten::linear counts only what it does outside the aten::addmm inside it)."""
+  if 'scaled_dot_product' in name or 'flash_attention' in name:
+    return 'attention (fused)'
+  if name in _TORCH_MATMULS:
+    return 'matmul'
+  if name in _TORCH_MOVES:
+    return 'copy/transpose'
+  if not name.startswith('aten::'):
+    return 'framework'  # Autograd nodes, the phases' own Python time, optimizer bookkeeping.
+  return 'elementwise/reduce'
+
+
+def torch_rows(cfg, steps: int, top: int) -> list:
+  """bench peer's torch step under torch.profiler: rows as breakdown's, by phase."""
+  import torch as pt
+  from ccf_jax.bench import peer_child
+  step, _ = peer_child.torch_step(cfg, phase=pt.profiler.record_function)
+  step().item()  # Warm-up.
+  t = time.time()
+  for _ in range(steps):
+    loss = step()
+  loss.item()
+  wall = (time.time() - t) / steps
+  with pt.profiler.profile(activities=[pt.profiler.ProfilerActivity.CPU]) as prof:
+    t = time.time()
+    for _ in range(steps):
+      loss = step()
+    loss.item()
+    traced = (time.time() - t) / steps
+  known = []
+  for e in prof.events():
+    top_event = e
+    while top_event.cpu_parent is not None:
+      top_event = top_event.cpu_parent
+    part = top_event.name if top_event.name in _TORCH_PHASES else 'other'
+    known.append((e.self_cpu_time_total, e.name, torch_kind(e.name), part, e.name))
+  merged = collections.defaultdict(float)  # One entry per (op, kind, phase), summed over calls.
+  for us, name, kind, part, _ in known:
+    merged[name, kind, part] += us
+  known = [(us, name, kind, part, name) for (name, kind, part), us in merged.items()]
+  return [{'bench': 'profile', 'system': 'torch', 'shape': _SHAPE.value, 'config': cfg.name,
+           'steps': steps, 'step_s': round(wall, 4), 'traced_step_s': round(traced, 4),
+           'threads': pt.get_num_threads()}] + _rows(known, steps, top, 'phase', torch_bucket)
+
+
 def bench_profile(config) -> list:
-  import jax
-  from ccf_jax.train import timing
   cfg = peer.shape_config(config, _SHAPE.value)
   steps = steps_flag(3)
+  if _SYSTEM.value == 'torch':
+    if not peer.peer_available():
+      raise SystemExit(f'bench profile --profile_system=torch needs torch and transformers: '
+                       f'{peer.SKIP_HINT}')
+    return torch_rows(cfg, steps, _TOP.value)
+  import jax
+  from ccf_jax.train import timing
   timer = timing.TrainTimer(cfg)  # Compiles and takes the warm-up step.
   wall = timer.block(steps)
   with tempfile.TemporaryDirectory() as logdir:
@@ -161,6 +250,7 @@ def bench_profile(config) -> list:
     jax.profiler.stop_trace()
     events = _trace_events(logdir)
   rows = breakdown(self_times(events), timer.hlo_text(), steps, _TOP.value)
-  return [{'bench': 'profile', 'shape': _SHAPE.value, 'config': cfg.name, 'steps': steps,
+  return [{'bench': 'profile', 'system': 'ccf_jax', 'shape': _SHAPE.value, 'config': cfg.name,
+           'steps': steps,
            'step_s': round(wall, 4), 'traced_step_s': round(traced, 4),
            'attention_impl': cfg.model.attention_impl}] + rows
