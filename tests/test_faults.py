@@ -153,6 +153,17 @@ def test_metrics_rows_past_the_restored_step_are_dropped(tmp_path):
                                     ('eval', 4), ('train', 5)]
 
 
+def test_eta_of_a_resumed_run_counts_its_own_steps(tmp_path):
+  """Resumed at step 50 of 100 and 10 steps on in 100 s: 40 steps at 10 s each remain (not
+  100 s / 60 steps x 40), and a time budget counts from the same start."""
+  w = metrics_lib.MetricWriter(str(tmp_path), enabled=False, total_steps=100)
+  w.start_training(50)
+  w.train_t0 -= 100.0
+  assert 'ETA 0:06:4' in w.console_line(60, {'loss': 1.0}, 'train')
+  w.time_budget_s = 160.5
+  assert 'ETA 0:01:00' in w.console_line(60, {'loss': 1.0}, 'train')
+
+
 # ------------------------------------------------------------------------------------ storage
 def test_unwritable_workdir_fails_before_the_data_pipeline(tmp_path):
   (tmp_path / 'file').write_text('x')

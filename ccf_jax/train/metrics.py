@@ -28,6 +28,9 @@ class MetricWriter:
     self.total_steps = total_steps
     self.time_budget_s = time_budget_s
     self.t0 = time.time()
+    # The ETA's rate and the budget's clock count this process's training steps only: a resumed
+    # run starts at its checkpoint's step, not at 0 (start_training).
+    self.train_t0, self.start_step = self.t0, 0
     self._tb = None
     self._jsonl = None
     if enabled:
@@ -48,8 +51,12 @@ class MetricWriter:
     if console:
       print(self.console_line(step, scalars, prefix), flush=True)
 
+  def start_training(self, step: int):
+    """Marks where this process's training begins (its first step, after setup)."""
+    self.train_t0, self.start_step = time.time(), step
+
   def console_line(self, step, s, prefix):
-    elapsed = time.time() - self.t0
+    elapsed = time.time() - self.train_t0
     parts = [f'[{prefix}] step {step:>6d}']
     if 'loss' in s:
       parts.append(f'loss {s["loss"]:.4f}')
@@ -63,10 +70,10 @@ class MetricWriter:
       parts.append(f'MFU {s["mfu"]:.1%}')
     if 'lr' in s:
       parts.append(f'lr {s["lr"]:.2e}')
-    if prefix == 'train' and step > 0:
+    if prefix == 'train' and step > self.start_step:
       remaining = []
       if self.total_steps:
-        remaining.append(elapsed / step * max(0, self.total_steps - step))
+        remaining.append(elapsed / (step - self.start_step) * max(0, self.total_steps - step))
       if self.time_budget_s:
         remaining.append(max(0.0, self.time_budget_s - elapsed))
       if remaining:

@@ -262,6 +262,7 @@ def _train(config, workdir, allow_fresh_start, run) -> dict:
       eval_step = ts.jit_eval_step(config, mesh, state_sh, eval_sh)
       clock.mark('setup', t)
 
+      writer.start_training(step)
       loop = _Loop(config, workdir, writer, ckpt, train_iter, eval_step, batch_sh, arch, clock,
                    preempt, is_main, tokenizer.model_path)
       loop.watch = faults.LossWatch(config.train.divergence_factor,
