@@ -89,6 +89,27 @@ def test_decoder_matches_naive_reference(tie, scan, window, bias):
     np.testing.assert_allclose(np.asarray(logits[b]), ref, rtol=2e-4, atol=2e-4)
 
 
+def test_unrolled_layers_gradient_is_one_concatenate_per_stacked_weight():
+  """Unrolled layers (scan_layers=False) give the scanned layers' gradients, and their jaxpr
+  gathers the per-layer weight gradients with concatenates, never pads of the whole stack summed
+  over layers (what indexing each layer's slice gives, O(layers^2) work)."""
+  import jax.numpy as jnp
+  tokens = np.array(jax.random.randint(jax.random.key(0), (2, 11), 0, 97))
+
+  def grads(scan):
+    cfg = tiny_cfg(scan_layers=scan)
+    loss = lambda p: jnp.mean(model_lib.bind(cfg, p)(tokens) ** 2)
+    return jax.grad(loss), model_lib.init_params(cfg, seed=1)
+
+  (g_scan, params), (g_unrolled, _) = grads(True), grads(False)
+  for a, b in zip(jax.tree.leaves(jax.jit(g_scan)(params)),
+                  jax.tree.leaves(jax.jit(g_unrolled)(params))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  ops = str(jax.make_jaxpr(g_unrolled)(params))
+  assert ' pad[' not in ops and 'pad ' not in ops
+  assert ops.count('concatenate') >= len(jax.tree.leaves(params['layers']))
+
+
 def test_bind_roundtrip_keeps_paths():
   cfg = tiny_cfg()
   params = model_lib.init_params(cfg, seed=0)
