@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from ccf_jax.model import arch as arch_lib
 from ccf_jax.model import decoder as model_lib
 from ccf_jax.ccf import reservoir
 from ccf_jax.ccf import masks
@@ -194,15 +194,6 @@ def gated_memory(cfg, params, tokens, valid, span, key) -> GatedMemory:
 # The decoder, streamed over chunks of segments.
 
 
-def shifted_ce_sums(logits, targets, weights):
-  """(loss_sum, weight_sum, correct) of logits [..., vocab] against targets already shifted by one
-  token. Unlike arch.token_ce_sums the shift happens before chunking: a segment's last position
-  predicts the next segment's first token, which may lie in the next chunk."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  return (ce * weights).sum(), weights.sum(), (correct * weights).sum()
-
-
 def decode_window(cfg, decoder, tokens, scored, span, memory: GatedMemory):
   """(loss_sum, target_count, correct) of decoding windows tokens int32[B, T, l] given the memory,
   chunk by chunk (`lax.scan`, or a Python loop with `ccf.unrolled`); `scored` float32[B, T*l]."""
@@ -211,8 +202,10 @@ def decode_window(cfg, decoder, tokens, scored, span, memory: GatedMemory):
   k = x.decoder_segment_chunk or t
   n = t // k
   flat = tokens.reshape(b, t * l)
-  targets = jnp.concatenate([flat[:, 1:], jnp.zeros_like(flat[:, :1])], 1)
-  weights = jnp.concatenate([scored[:, 1:], jnp.zeros_like(scored[:, :1])], 1).astype(jnp.float32)
+  # Shifted over the whole window before chunking: a segment's last position predicts the next
+  # segment's first token, which may lie in the next chunk.
+  targets = arch_lib.next_token(flat)
+  weights = arch_lib.next_token(scored.astype(jnp.float32))
   chunked = lambda a: a.reshape(b, n, k, l).swapaxes(0, 1)  # [n, B, k, l]
   xs = (chunked(tokens), chunked(targets), chunked(weights), jnp.arange(n, dtype=jnp.int32) * k)
   remat = x.decoder_remat != 'none'
@@ -234,7 +227,7 @@ def decode_window(cfg, decoder, tokens, scored, span, memory: GatedMemory):
       mem = memory.rows(start * rows_per_segment, window * rows_per_segment)
     logits = decode_segments(decoder, x, tok, span, lo, hi, mem.for_queries(segments),
                              remat_policy=layer_policy)
-    return shifted_ce_sums(logits, tgt, w)
+    return arch_lib.shifted_ce_sums(logits, tgt, w)
 
   if remat and n > 1:
     # A chunk with no target (padding, a passkey window's filler) is not decoded, forward or

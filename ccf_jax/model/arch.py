@@ -41,13 +41,26 @@ class Arch:
   eval_loss: Callable | None = None
 
 
+def next_token(a):
+  """a[..., i + 1] at position i along the last axis; the last position gets 0 (as a weight:
+  it predicts nothing)."""
+  return jnp.pad(a[..., 1:], [(0, 0)] * (a.ndim - 1) + [(0, 1)])
+
+
 @jax.named_scope('loss')
+def shifted_ce_sums(logits, targets, weights):
+  """(loss_sum, weight_sum, correct) of logits [..., vocab] against targets already shifted by one
+  token (next_token), weighted."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return (ce * weights).sum(), weights.sum(), (correct * weights).sum()
+
+
 def token_ce_sums(logits, tokens, loss_mask):
-  """Next-token cross-entropy sums: logits[:, :-1] predict tokens[:, 1:], weighted by loss_mask."""
-  w = loss_mask[..., 1:].astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[..., :-1, :], tokens[..., 1:])
-  correct = (jnp.argmax(logits[..., :-1, :], -1) == tokens[..., 1:]).astype(jnp.float32)
-  return (ce * w).sum(), w.sum(), (correct * w).sum()
+  """Next-token cross-entropy sums: logits at position i predict tokens[i + 1], weighted by
+  loss_mask[i + 1]. The targets and weights are shifted, not the logits: a slice of the
+  [..., L, vocab] logits is a copy of them, and its gradient a pad of the same size."""
+  return shifted_ce_sums(logits, next_token(tokens), next_token(loss_mask.astype(jnp.float32)))
 
 
 def decoder_loss(cfg, params, batch, rng):
@@ -59,12 +72,11 @@ def decoder_loss(cfg, params, batch, rng):
   if not chunk:
     loss_sum, n, correct = token_ce_sums(module(tokens), tokens, batch['loss_mask'])
     return loss_sum, n, {'correct': correct}
-  shift = lambda a: jnp.pad(a[:, 1:], ((0, 0), (0, 1)))  # Position i predicts token i + 1.
-  weights = shift(batch['loss_mask'].astype(jnp.float32))
+  weights = next_token(batch['loss_mask'].astype(jnp.float32))
   x = module.hidden(tokens)
   with jax.named_scope('logits'):
-    loss_sum, correct = head_loss.head_ce_sums(*module.head_inputs(x), shift(tokens), weights,
-                                               chunk)
+    loss_sum, correct = head_loss.head_ce_sums(*module.head_inputs(x), next_token(tokens),
+                                               weights, chunk)
   return loss_sum, weights.sum(), {'correct': correct}
 
 
