@@ -141,10 +141,6 @@ def batch_shardings(cfg, mesh, batch_like: dict) -> dict:
   return {k: NamedSharding(mesh, P(spec[0], *([None] * (len(v.shape) - 1)))) for k, v in batch_like.items()}
 
 
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def make_train_step(cfg, tx):
   """train_step(state, batch) -> (state, metrics); pure, to be jitted with shardings."""
   arch = arch_lib.get_arch(cfg)
@@ -153,7 +149,10 @@ def make_train_step(cfg, tx):
 
   def loss_on(trainable, frozen, mb, rng):
     loss_sum, n, aux = arch.loss(cfg, arch_lib.merge_params(trainable, frozen), mb, rng)
-    return loss_sum, (n, aux)
+    # One microbatch: differentiate the mean (n counts targets, not a function of the parameters),
+    # so the gradients need no division pass of their own over every parameter afterwards.
+    scaled = loss_sum / jnp.maximum(jax.lax.stop_gradient(n), 1.0) if accum == 1 else loss_sum
+    return scaled, (loss_sum, n, aux)
 
   grad_fn = jax.value_and_grad(loss_on, has_aux=True)
 
@@ -163,32 +162,37 @@ def make_train_step(cfg, tx):
 
     def one(carry, inp):
       mb, i = inp
-      (ls, (n, aux)), g = grad_fn(state.params, state.frozen, mb, jax.random.fold_in(rng, i))
+      (_, (ls, n, aux)), g = grad_fn(state.params, state.frozen, mb, jax.random.fold_in(rng, i))
       g_acc, ls_acc, n_acc, aux_acc = carry
       return (jax.tree.map(jnp.add, g_acc, g), ls_acc + ls, n_acc + n,
               jax.tree.map(jnp.add, aux_acc, aux)), None
 
     zero_aux = jax.eval_shape(lambda: loss_on(state.params, state.frozen,
-                                              jax.tree.map(lambda x: x[0], micro), rng)[1][1])
+                                              jax.tree.map(lambda x: x[0], micro), rng)[1][2])
     init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
             jnp.zeros((), jnp.float32), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero_aux))
     (g, loss_sum, n, aux), _ = jax.lax.scan(one, init, (micro, jnp.arange(accum)))
     denom = jnp.maximum(n, 1.0)
-    grads = jax.tree.map(lambda x: x / denom, g)
+    grads = g if accum == 1 else jax.tree.map(lambda x: x / denom, g)
     loss = loss_sum / denom
     with jax.named_scope('optimizer'):
       updates, new_opt = tx.update(grads, state.opt_state, state.params)
       new_params = optax.apply_updates(state.params, updates)
     # Finite loss and gradients can still give non-finite parameters (an infinite or huge
-    # learning rate): the updated parameters are checked too, so such a state is never kept.
-    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
+    # learning rate): the update is checked too, so such a state is never kept. Norms decide
+    # (one element inf or NaN makes its tree's norm so), which the metrics and the ratio below
+    # need anyway, rather than an isfinite pass over every gradient and parameter; updated
+    # parameters are finite when the kept ones and the update are (an element past 1e19 already
+    # overflows its norm and is refused as well).
+    grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     # A finite update can still explode the state (lr 1e6 gives huge finite parameters, and the
     # loss shows it only a step later, after a checkpoint may have been written). AdamW moves each
     # parameter by about lr per step, so a sane run changes the parameters by a small fraction of
     # their norm; an update larger than max_update_ratio times that norm is rejected like a
     # non-finite one, before it enters the state. Parameters of norm 0 give no scale: ratio 0.
     p_norm = optax.tree.norm(state.params)
-    update_ratio = jnp.where(p_norm > 0, optax.tree.norm(updates) / p_norm, 0.0)
+    update_ratio = jnp.where(p_norm > 0, update_norm / p_norm, 0.0)
     max_ratio = cfg.train.max_update_ratio
     ok = finite & ((update_ratio <= max_ratio) if max_ratio > 0 else True)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -197,7 +201,7 @@ def make_train_step(cfg, tx):
         params=keep(new_params, state.params),
         opt_state=keep(new_opt, state.opt_state),
         nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32))
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': lr_fn(state.step),
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': lr_fn(state.step),
                **({'lr_adapter': lr_fn(state.step) * cfg.train.adapter_lr_mult}
                   if cfg.train.get('adapter_lr_mult', 1.0) != 1.0 else {}),
                'tokens': n, 'finite': finite.astype(jnp.float32),
