@@ -251,6 +251,5 @@ def bench_profile(config) -> list:
     events = _trace_events(logdir)
   rows = breakdown(self_times(events), timer.hlo_text(), steps, _TOP.value)
   return [{'bench': 'profile', 'system': 'ccf_jax', 'shape': _SHAPE.value, 'config': cfg.name,
-           'steps': steps,
-           'step_s': round(wall, 4), 'traced_step_s': round(traced, 4),
+           'steps': steps, 'step_s': round(wall, 4), 'traced_step_s': round(traced, 4),
            'attention_impl': cfg.model.attention_impl}] + rows
