@@ -8,6 +8,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -287,8 +288,11 @@ def test_corrupt_latest_falls_back_to_previous(saved, tmp_path, caplog, kind):
   assert take(it, 3) == take(ref, 3)  # The data position of step 2, not of the bad step 4.
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert any(bad in w and 'corrupt' in w for w in warnings), warnings
-  if kind == 'flipped_array_bytes':  # Orbax reads flipped data silently; our checksum catches it.
-    assert 'checksum' in info.skipped[0]['error']
+  if kind == 'flipped_array_bytes':
+    # Flipped bytes in a raw chunk are read silently by Orbax and caught by our checksum; in a
+    # compressed chunk (which chunk lies mid-file depends on the order the async writes finished)
+    # the decompressor refuses them first. Never read as data either way.
+    assert re.search('checksum|ZSTD|ecompress', info.skipped[0]['error']), info.skipped[0]
   assert info.skipped[0]['moved_to'] == bad + ckpt.CORRUPT_SUFFIX
   assert os.path.isdir(bad + ckpt.CORRUPT_SUFFIX) and not os.path.exists(bad)
   assert mgr.all_steps() == [2]
