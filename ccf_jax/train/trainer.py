@@ -291,7 +291,7 @@ class _Loop:
     self.pending = None  # (step, device metrics) flushed one step late.
     self.window = {'t': time.time(), 'steps': 0, 'tokens': 0.0, 'loss': 0.0}
     self.summary: dict = {}
-    self.train_start = time.time()
+    self.train_start = writer.train_t0  # The clock the console's ETA counts the budget on.
     self.stop_reason = ''
     self.profiling = False
     self.watch = faults.LossWatch(config.train.divergence_factor)  # The resumed run's, in _train.
