@@ -137,9 +137,10 @@ def test_prefill_of_prompts_of_every_length_in_one_batch():
 
 def test_token_by_token_decoding_equals_recomputation():
   """Teacher-forced decode steps across three compressions give the logits of the training
-  forward over the same prefix; the decode step compiles once per memory bucket (no other test
-  decodes a batch of two on this engine, so the count is this test's own)."""
-  _, _, engine = setup('ccf')
+  forward over the same prefix; the decode step compiles once per memory bucket (counted on an
+  engine of its own, so the count holds in any test order)."""
+  cfg, params, _ = setup('ccf')
+  engine = inference.Engine(cfg, params, compiler_options=FAST, **VARIANTS['ccf'][2])
   ref = training_logits('ccf', list(DOC))
   starts, decodes = [3, 14], engine.compile_counts['decode']
   state, _ = engine.prefill([DOC[0, :3], DOC[1, :14]])
@@ -164,7 +165,7 @@ def test_short_prompt_is_the_base_decoder():
   cfg, params, engine = setup('ccf')
   prompt = DOC[0, :9]
   base = jit(lambda p, t: model_lib.bind(cfg.model, p)(t))
-  out = engine.generate([prompt, prompt], 6)  # A batch of two: the decode test's programs.
+  out = engine.generate([prompt, prompt], 6)
   seq = np.concatenate([prompt, out.tokens[0]])
   ref = np.asarray(base(params['decoder'], seq[None]))[0]
   assert out.tokens == [[int(t) for t in ref[len(prompt) - 1:-1].argmax(-1)]] * 2

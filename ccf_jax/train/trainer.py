@@ -291,7 +291,6 @@ class _Loop:
     self.pending = None  # (step, device metrics) flushed one step late.
     self.window = {'t': time.time(), 'steps': 0, 'tokens': 0.0, 'loss': 0.0}
     self.summary: dict = {}
-    self.train_start = writer.train_t0  # The clock the console's ETA counts the budget on.
     self.stop_reason = ''
     self.profiling = False
     self.watch = faults.LossWatch(config.train.divergence_factor)  # The resumed run's, in _train.
@@ -458,7 +457,7 @@ class _Loop:
     """Time budget or SIGTERM. Multi-process runs agree on it (every log_every steps, one tiny
     all-gather), since processes see the clock and signals at different steps."""
     budget = self.c.train.time_budget_s
-    over_budget = bool(budget) and time.time() - self.train_start >= budget
+    over_budget = bool(budget) and time.time() - self.writer.train_t0 >= budget  # The ETA's clock.
     if jax.process_count() > 1:
       if step % self.c.train.log_every:
         return False
